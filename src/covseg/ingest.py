@@ -1,0 +1,221 @@
+"""Ingest: every raw source under data/ -> one canonical dataset (per-case NIfTI + a Parquet manifest).
+
+Rows are slices. Each row says where the slice came from (source, volume, index), its weak label
+(1, 0, or -1 = unknown), its intensity domain (`hu` or `8bit`), its geometry and hash, and its split. Splits
+are drawn per volume (never per slice), deterministically from a salted hash, and stratified so that the
+validation volumes of a source hold both labels when the source has both. Evaluation sources (slices with
+pixel masks) get split `eval` and label -1: their masks never reach training.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+from tqdm import tqdm
+
+from covseg.io import (
+    SLICE_SUFFIXES,
+    VOLUME_SUFFIXES,
+    InputError,
+    read_dicom_series,
+    read_mask,
+    read_slice,
+    read_volume,
+    sha256_file,
+)
+
+UNKNOWN = -1
+MANIFEST = "manifest.parquet"
+
+
+@dataclass
+class SliceRow:
+    """One manifest row (see the module docstring)."""
+
+    case_id: str
+    dataset: str
+    source: str
+    volume_id: str
+    slice_index: int
+    label: int
+    domain: str
+    spacing_x: float
+    spacing_y: float
+    spacing_z: float
+    height: int
+    width: int
+    file: str
+    z: int
+    sha256: str
+    raw_path: str
+    pix_min: float
+    pix_max: float
+    pix_mean: float
+    nan_count: int
+    mask_file: str = ""
+    role: str = "train"
+    split: str = field(default="")
+
+
+def _slice_stats(array: np.ndarray) -> dict[str, float]:
+    finite = np.isfinite(array)
+    values = array[finite] if not finite.all() else array
+    return {"pix_min": float(values.min()), "pix_max": float(values.max()),
+            "pix_mean": float(values.mean()), "nan_count": int((~finite).sum())}
+
+
+def _dicom_rows(dataset: str, folder: Path, cfg: dict[str, Any], out: Path,
+                allow_identified: bool) -> Iterator[SliceRow]:
+    labels_path = folder / cfg["labels"]
+    if not labels_path.is_file():
+        raise InputError(labels_path, "slice label table not found")
+    labels: dict[tuple[str, int], int] = {}
+    with open(labels_path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            labels[(row["case"], int(row["instance_number"]))] = int(row["lesion"])
+    cases = sorted(p for p in folder.iterdir() if p.is_dir())
+    if not cases:
+        raise InputError(folder, "no DICOM series folders")
+    for case in cases:
+        series = read_dicom_series(case, allow_identified=allow_identified)
+        rel = f"cases/{dataset}__{case.name}.nii.gz"
+        sitk.WriteImage(series.image, str(out / rel), useCompression=True)
+        array = sitk.GetArrayViewFromImage(series.image)
+        sx, sy, sz = series.image.GetSpacing()
+        for z, (instance, dcm) in enumerate(zip(series.instance_numbers, series.files, strict=True)):
+            label = labels.get((case.name, instance))
+            if label is None:
+                raise InputError(dcm, f"no label for case {case.name} instance {instance} in {labels_path.name}")
+            yield SliceRow(case_id=f"{dataset}__{case.name}__{z:04d}", dataset=dataset, source=dataset,
+                           volume_id=f"{dataset}__{case.name}", slice_index=z, label=label, domain="hu",
+                           spacing_x=sx, spacing_y=sy, spacing_z=sz, height=array.shape[1],
+                           width=array.shape[2], file=rel, z=z, sha256=sha256_file(dcm), raw_path=str(dcm),
+                           role=cfg["role"], **_slice_stats(array[z]))
+
+
+def _nifti_rows(dataset: str, folder: Path, cfg: dict[str, Any], out: Path) -> Iterator[SliceRow]:
+    """NIfTI volumes (`<case>.nii.gz`) with an optional `labels` CSV: case, slice_index, lesion."""
+    labels: dict[tuple[str, int], int] = {}
+    if cfg.get("labels"):
+        with open(folder / cfg["labels"], newline="") as handle:
+            for row in csv.DictReader(handle):
+                labels[(row["case"], int(row["slice_index"]))] = int(row["lesion"])
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(VOLUME_SUFFIXES))
+    if not files:
+        raise InputError(folder, "no NIfTI volumes")
+    for path in files:
+        image = read_volume(path)
+        name = path.name.split(".nii")[0]
+        rel = f"cases/{dataset}__{name}.nii.gz"
+        sitk.WriteImage(sitk.Cast(image, sitk.sitkInt16), str(out / rel), useCompression=True)
+        array = sitk.GetArrayViewFromImage(image)
+        sx, sy, sz = image.GetSpacing()
+        digest = sha256_file(path)
+        for z in range(array.shape[0]):
+            yield SliceRow(case_id=f"{dataset}__{name}__{z:04d}", dataset=dataset, source=dataset,
+                           volume_id=f"{dataset}__{name}", slice_index=z,
+                           label=labels.get((name, z), UNKNOWN), domain="hu", spacing_x=sx, spacing_y=sy,
+                           spacing_z=sz, height=array.shape[1], width=array.shape[2], file=rel, z=z,
+                           sha256=f"{digest}:{z}", raw_path=str(path), role=cfg["role"],
+                           **_slice_stats(array[z]))
+
+
+def _subsource(stem: str, cfg: dict[str, Any], path: Path) -> tuple[str, int]:
+    for prefix, sub in cfg.get("subsources", {}).items():
+        if stem.startswith(prefix):
+            return prefix, int(sub.get("rotate", 0))
+    raise InputError(path, f"file name matches no sub-source of {sorted(cfg.get('subsources', {}))}")
+
+
+def _slice_rows(dataset: str, folder: Path, cfg: dict[str, Any], out: Path) -> Iterator[SliceRow]:
+    images = folder / cfg.get("images", "images")
+    files = sorted(p for p in images.iterdir() if p.suffix.lower() in SLICE_SUFFIXES) if images.is_dir() else []
+    if not files:
+        raise InputError(images, "no PNG/JPEG slices")
+    pattern = re.compile(cfg["volume_pattern"])
+    label = UNKNOWN if cfg.get("label", "unknown") == "unknown" else int(cfg["label"])
+    for path in tqdm(files, desc=f"ingest {dataset}", unit="slice", leave=False):
+        match = pattern.match(path.stem)
+        if not match:
+            raise InputError(path, f"file name does not match volume_pattern {cfg['volume_pattern']!r}")
+        source, rotate = _subsource(path.stem, cfg, path)
+        array = read_slice(path)
+        mask_rel = ""
+        if cfg.get("masks"):
+            mask_path = folder / cfg["masks"] / f"{path.stem}.png"
+            mask = np.rot90(read_mask(mask_path, array.shape), rotate)
+            mask_rel = f"masks/{dataset}__{path.stem}.png"
+            sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(mask).astype(np.uint8) * 255),
+                            str(out / mask_rel))
+        array = np.ascontiguousarray(np.rot90(array, rotate))
+        rel = f"cases/{dataset}__{path.stem}.nii.gz"
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(out / rel), useCompression=True)
+        yield SliceRow(case_id=f"{dataset}__{path.stem}", dataset=dataset, source=source,
+                       volume_id=f"{dataset}__{match['volume']}", slice_index=int(match["index"]),
+                       label=label, domain="8bit", spacing_x=math.nan, spacing_y=math.nan,
+                       spacing_z=math.nan, height=array.shape[0], width=array.shape[1], file=rel, z=0,
+                       sha256=sha256_file(path), raw_path=str(path), mask_file=mask_rel, role=cfg["role"],
+                       **_slice_stats(array))
+
+
+def assign_splits(frame: pd.DataFrame, val_fraction: float, salt: str) -> pd.Series:
+    """Split by volume: per source, volumes ordered by a salted hash, stratified by 'has a positive slice'.
+
+    Evaluation-role rows get `eval`. Deterministic: the same volumes always land in the same split.
+    """
+    split = pd.Series("train", index=frame.index)
+    split[frame["role"] == "eval"] = "eval"
+    train = frame[frame["role"] == "train"]
+    volumes = train.groupby(["source", "volume_id"])["label"].max().reset_index()
+    volumes["key"] = [hashlib.sha256(f"{salt}:{v}".encode()).hexdigest() for v in volumes["volume_id"]]
+    val_volumes: set[str] = set()
+    for _, group in volumes.groupby(["source", "label"]):
+        n_val = math.ceil(val_fraction * len(group)) if len(group) > 1 else 0
+        val_volumes.update(group.sort_values("key")["volume_id"].head(n_val))
+    split[frame["volume_id"].isin(val_volumes) & (frame["role"] == "train")] = "val"
+    return split
+
+
+def ingest(data_dir: str | Path, out_dir: str | Path, params: dict[str, Any]) -> pd.DataFrame:
+    """Read every configured source under `data_dir`; write cases/, masks/ and the manifest into `out_dir`.
+
+    `out_dir` must be an empty scratch folder (the stage wrapper renames it into place on success).
+    """
+    data_dir, out = Path(data_dir), Path(out_dir)
+    (out / "cases").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(exist_ok=True)
+    allow_identified = bool(params.get("phi", {}).get("allow_identified", False))
+    rows: list[SliceRow] = []
+    for dataset, cfg in params["sources"].items():
+        folder = data_dir / dataset
+        if not folder.is_dir():
+            raise InputError(folder, f"source {dataset!r} from params.yaml not found")
+        if cfg["kind"] == "dicom":
+            rows.extend(_dicom_rows(dataset, folder, cfg, out, allow_identified))
+        elif cfg["kind"] == "nifti":
+            rows.extend(_nifti_rows(dataset, folder, cfg, out))
+        elif cfg["kind"] == "slices":
+            rows.extend(_slice_rows(dataset, folder, cfg, out))
+        else:
+            raise InputError(folder, f"unknown source kind {cfg['kind']!r}")
+    frame = pd.DataFrame([asdict(r) for r in rows])
+    frame["split"] = assign_splits(frame, params["split"]["val_fraction"], params["split"]["salt"])
+    frame.to_parquet(out / MANIFEST, index=False)
+    return frame
+
+
+def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Counts of slices and volumes per source, split and label (what `make run` prints)."""
+    table = frame.groupby(["source", "split", "label"]).agg(slices=("case_id", "size"),
+                                                           volumes=("volume_id", "nunique"))
+    return table.reset_index()

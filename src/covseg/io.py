@@ -1,0 +1,243 @@
+"""CT input/output with SimpleITK: DICOM series, NIfTI volumes, 2-D slices, masks, and atomic writes.
+
+Every reader validates what it reads and raises :class:`InputError` naming the file and the problem, so a
+command can print one clear line and exit non-zero before anything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+SLICE_SUFFIXES = (".png", ".jpg", ".jpeg")
+VOLUME_SUFFIXES = (".nii", ".nii.gz")
+
+# DICOM tags (group|element, as SimpleITK spells them).
+TAG_MODALITY = "0008|0060"
+TAG_PATIENT_NAME = "0010|0010"
+TAG_PATIENT_ID = "0010|0020"
+TAG_BIRTH_DATE = "0010|0030"
+TAG_IDENTITY_REMOVED = "0012|0062"
+TAG_INSTANCE_NUMBER = "0020|0013"
+TAG_SERIES_UID = "0020|000e"
+# Identity that a de-identified header must not carry. PatientID is not here: de-identified studies keep a
+# pseudonym in it (COVID-CT-MD does), and a pseudonym cannot be told from an identifier by looking at it.
+IDENTIFYING_TAGS = {TAG_PATIENT_NAME: "PatientName", TAG_BIRTH_DATE: "PatientBirthDate"}
+
+
+class InputError(ValueError):
+    """Bad input: the message names the file and the problem, in one line."""
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """A validated CT series: the volume in HU plus the per-slice instance numbers and files (z order)."""
+
+    image: sitk.Image
+    instance_numbers: list[int]
+    files: list[str]
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _require_file(path: Path) -> None:
+    if not path.exists():
+        raise InputError(path, "file not found")
+    if path.is_file() and path.stat().st_size == 0:
+        raise InputError(path, "empty file (0 bytes)")
+
+
+def _dicom_header(path: Path) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.LoadPrivateTagsOff()
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(path, "not a readable DICOM file (corrupt or truncated)") from exc
+    return reader
+
+
+def _tag(reader: sitk.ImageFileReader, tag: str) -> str:
+    return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+
+
+def check_dicom_header(path: Path, reader: sitk.ImageFileReader, allow_identified: bool = False) -> None:
+    """Refuse non-CT modalities and headers that still carry patient identity."""
+    modality = _tag(reader, TAG_MODALITY)
+    if modality != "CT":
+        raise InputError(path, f"modality is {modality or 'missing'!r}, expected 'CT'")
+    if allow_identified or _tag(reader, TAG_IDENTITY_REMOVED).upper() == "YES":
+        return
+    present = [name for tag, name in IDENTIFYING_TAGS.items() if _tag(reader, tag)]
+    if present:
+        raise InputError(path, f"DICOM header carries patient identity ({', '.join(present)}) and "
+                               "PatientIdentityRemoved is not YES; de-identify it first")
+
+
+def read_dicom_series(folder: str | Path, allow_identified: bool = False) -> DicomSeries:
+    """Read one CT series from a folder, sorted by slice position, in HU (int16), oriented LPS."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "DICOM folder not found")
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    if not files:
+        raise InputError(folder, "empty folder: no DICOM files")
+    headers = {}
+    for path in files:
+        _require_file(path)
+        reader = _dicom_header(path)
+        check_dicom_header(path, reader, allow_identified)
+        headers[str(path)] = reader
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if len(series_ids) != 1:
+        raise InputError(folder, f"expected one DICOM series, found {len(series_ids)}")
+    names = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
+    if len(names) != len(files):
+        raise InputError(folder, f"{len(files) - len(names)} file(s) do not belong to the series")
+    _check_positions(folder, names, [_position(headers[n]) for n in names])
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(names)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(folder, f"cannot decode the series: {str(exc).splitlines()[0][:200]}") from exc
+    image = sitk.DICOMOrient(image, "LPS")
+    if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
+        raise InputError(folder, "series contains NaN or infinite values")
+    instances = [int(_tag(headers[n], TAG_INSTANCE_NUMBER) or -1) for n in names]
+    return DicomSeries(image=sitk.Cast(image, sitk.sitkInt16), instance_numbers=instances, files=names)
+
+
+def _position(reader: sitk.ImageFileReader) -> list[float]:
+    value = _tag(reader, "0020|0032")
+    return [float(v) for v in value.split("\\")] if value else [0.0, 0.0, 0.0]
+
+
+def _check_positions(folder: Path, names: list[str], positions: list[list[float]]) -> None:
+    """Refuse series with uneven slice gaps (missing slices) or duplicated positions."""
+    if len(names) < 2:
+        return
+    steps = np.linalg.norm(np.diff(np.asarray(positions), axis=0), axis=1)
+    if steps.min() <= 1e-3:
+        raise InputError(folder, "two slices share one position (duplicated slice)")
+    if steps.max() > 1.5 * np.median(steps):
+        gap = int(np.argmax(steps))
+        raise InputError(folder, f"gap in slice positions after {Path(names[gap]).name} "
+                                 f"({steps[gap]:.1f} mm vs {np.median(steps):.1f} mm): missing slices")
+
+
+def read_volume(path: str | Path) -> sitk.Image:
+    """Read a 3-D NIfTI CT volume (HU expected), oriented LPS, refusing NaN, constant or 4-D data."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(path, "not a readable NIfTI volume") from exc
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(path, f"expected a 3-D scalar volume, got {image.GetDimension()}-D with "
+                               f"{image.GetNumberOfComponentsPerPixel()} component(s)")
+    if min(image.GetSpacing()) <= 0:
+        raise InputError(path, f"non-positive voxel spacing {image.GetSpacing()}")
+    array = sitk.GetArrayViewFromImage(image)
+    if not np.isfinite(array).all():
+        raise InputError(path, "volume contains NaN or infinite values")
+    if array.min() == array.max():
+        raise InputError(path, "volume is constant (no image content)")
+    return sitk.DICOMOrient(image, "LPS")
+
+
+def read_slice(path: str | Path) -> np.ndarray:
+    """Read a 2-D 8-bit greyscale slice (PNG/JPEG) as a uint8 array; refuse RGB, 16-bit, blank images."""
+    path = Path(path)
+    _require_file(path)
+    if path.suffix.lower() not in SLICE_SUFFIXES:
+        raise InputError(path, f"unsupported slice format {path.suffix!r} (use PNG or JPEG)")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(path, "not a readable image (corrupt or truncated)") from exc
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(path, f"expected a greyscale slice, got {image.GetNumberOfComponentsPerPixel()} "
+                               "channels (RGB?)")
+    if image.GetPixelID() != sitk.sitkUInt8:
+        raise InputError(path, f"expected 8-bit pixels, got {image.GetPixelIDTypeAsString()}")
+    array = sitk.GetArrayFromImage(image)
+    if array.ndim != 2:
+        raise InputError(path, f"expected a 2-D slice, got shape {array.shape}")
+    if array.min() == array.max():
+        raise InputError(path, "slice is constant (no image content)")
+    return array
+
+
+def read_mask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
+    """Read a binary mask PNG ({0,255}, binarised at >127) and check it matches its image's shape."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(path, "not a readable mask image") from exc
+    array = sitk.GetArrayFromImage(image)
+    if array.ndim == 3:  # palette/RGB masks: any non-zero channel marks the lesion
+        array = array.max(axis=-1)
+    if tuple(array.shape) != tuple(shape):
+        raise InputError(path, f"mask shape {tuple(array.shape)} differs from its image {tuple(shape)}")
+    return array > 127
+
+
+def write_mask_png(mask: np.ndarray, path: str | Path) -> None:
+    """Write a boolean mask as a {0,255} PNG."""
+    sitk.WriteImage(sitk.GetImageFromArray(mask.astype(np.uint8) * 255), str(path))
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a scratch folder next to `target`; on success it replaces `target`, on error it vanishes.
+
+    Readers of `target` never see a half-written output: the old folder stays until the rename.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield scratch
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        target.rename(backup)
+    scratch.rename(target)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file through a temporary name and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, path)
