@@ -91,6 +91,133 @@ def gate0(profile: str | None) -> None:
     click.echo(f"gate0 passed: {len(result['checks'])} expectations")
 
 
+def _stage_paths(params: dict[str, Any]) -> dict[str, Path]:
+    names = ("ingest", "lungs", "classify", "coarse", "mil", "segment", "evaluate", "checkpoints")
+    return {name: _artifacts(params, name) for name in names}
+
+
+@main.command()
+@profile_option
+@_friendly_errors
+def lungs(profile: str | None) -> None:
+    """Lung masks + harmonised canonical slices -> artifacts/lungs."""
+    from covseg import stages
+
+    params = load_params(profile)
+    p = _stage_paths(params)
+    index = stages.lungs(p["ingest"], p["lungs"], params)
+    click.echo(f"{len(index)} slices, median lung fraction {index['lung_fraction'].median():.3f}")
+
+
+@main.command()
+@profile_option
+@_friendly_errors
+def classify(profile: str | None) -> None:
+    """Train the lesion/no-lesion slice classifier -> artifacts/classify."""
+    from covseg import stages
+
+    params = load_params(profile)
+    p = _stage_paths(params)
+    result = stages.classify(p["lungs"], p["classify"], params, p["checkpoints"])
+    click.echo(json.dumps({"val_auc": result["val_auc"], "probe": result["probe"]}, indent=2))
+
+
+@main.command()
+@profile_option
+@_friendly_errors
+def coarse(profile: str | None) -> None:
+    """Grad-CAM coarse labels -> artifacts/coarse."""
+    from covseg import stages
+
+    params = load_params(profile)
+    p = _stage_paths(params)
+    stats = stages.coarse(p["lungs"], p["classify"], p["coarse"], params)
+    click.echo(f"{len(stats)} coarse labels, mean area {stats['area_fraction_of_lung'].mean():.3f} of lung")
+
+
+@main.command()
+@profile_option
+@_friendly_errors
+def mil(profile: str | None) -> None:
+    """MIL refinement (5x5 patches, easy -> hard) -> fine labels in artifacts/mil."""
+    from covseg import stages
+
+    params = load_params(profile)
+    p = _stage_paths(params)
+    result = stages.mil(p["lungs"], p["classify"], p["coarse"], p["mil"], params, p["checkpoints"])
+    click.echo(json.dumps(result["quality"], indent=2))
+
+
+@main.command()
+@profile_option
+@_friendly_errors
+def segment(profile: str | None) -> None:
+    """Train the U-Net segmenter on the fine labels -> artifacts/segment."""
+    from covseg import stages
+
+    params = load_params(profile)
+    p = _stage_paths(params)
+    result = stages.segment(p["lungs"], p["mil"], p["segment"], params, p["checkpoints"])
+    click.echo(f"segmenter trained on {result['n_train']} slices; last loss {result['history'][-1]['loss']:.4f}")
+
+
+def _table(rows: dict[str, dict[str, Any]]) -> str:
+    keys = ("dice", "iou", "ppv", "sensitivity", "specificity")
+    lines = [f"{'':<10}" + "".join(f"{k:>12}" for k in keys) + f"{'slices':>8}"]
+    for name, row in rows.items():
+        lines.append(f"{name:<10}" + "".join(f"{row[k]:>12.3f}" for k in keys) + f"{row['n_slices']:>8}")
+    return "\n".join(lines)
+
+
+@main.command("evaluate-pipeline")
+@profile_option
+@_friendly_errors
+def evaluate_pipeline(profile: str | None) -> None:
+    """Table-1 rows for coarse / fine / final on the evaluation split -> artifacts/evaluate."""
+    from covseg import stages
+
+    params = load_params(profile)
+    p = _stage_paths(params)
+    table = stages.evaluate(p["ingest"], p["lungs"], p["coarse"], p["mil"], p["segment"], p["evaluate"], params)
+    rows = {k: v for k, v in table.items() if k in ("coarse", "fine", "final")}
+    click.echo("threshold 0.5\n" + _table(rows))
+    click.echo("adaptive (Inf-Net: 2 x mean probability)\n" + _table({k: v["adaptive"] for k, v in rows.items()}))
+
+
+@main.command()
+@click.option("--model", required=True, help="Model folder (segmenter.pt) or MLflow URI, e.g. models:/covseg@champion")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Folder with images/* and masks/*.png")
+@click.option("--rotate", default=-1, show_default=True,
+              help="np.rot90 k bringing the slices to the radiological view (medseg-100 layout: -1)")
+@click.option("--format", "fmt", type=click.Choice(["json", "table"]), default="json", show_default=True)
+@_friendly_errors
+def evaluate(model: str, data: Path, rotate: int, fmt: str) -> None:
+    """Dice, IoU, PPV, sensitivity, specificity of a model on a folder of masked slices."""
+    from covseg.evaluate import evaluate_folder
+
+    result = evaluate_folder(model, data, rotate=rotate)
+    if fmt == "json":
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(_table({"0.5": result, "adaptive": result["adaptive"]}))
+
+
+@main.command()
+@profile_option
+@click.option("--from-stage", default="ingest", help="Skip the stages before this one.")
+@_friendly_errors
+def run(profile: str | None, from_stage: str) -> None:
+    """Run the whole pipeline in this process (ingest -> evaluate), printing each stage's summary."""
+    ctx = click.get_current_context()
+    order = [ingest, gate0, lungs, classify, coarse, mil, segment, evaluate_pipeline]
+    names = [c.name for c in order]
+    if from_stage not in names:
+        raise click.BadParameter(f"choose one of {', '.join(names)}", param_hint="--from-stage")
+    for command in order[names.index(from_stage):]:
+        click.echo(f"== {command.name}")
+        ctx.invoke(command, profile=profile)
+
+
 @main.command("params")
 @profile_option
 def show_params(profile: str | None) -> None:

@@ -1,0 +1,88 @@
+"""Coarse labels: Grad-CAM (MONAI) of the classifier's lesion logit, restricted to the lungs, thresholded.
+
+Computed for positive training/validation slices (the pseudo-label set) and for evaluation slices (only
+to report the "coarse labels alone" ablation row; evaluation masks are never read here).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from covseg.classify import MODEL as CLASSIFIER
+from covseg.classify import predict_proba
+from covseg.nets import SliceClassifier
+from covseg.training import SliceSet, load_state
+
+MAPS, STATS = "coarse.npz", "coarse.parquet"
+
+
+def load_classifier(classify_dir: str | Path) -> SliceClassifier:
+    """The trained classifier (architecture from its JSON metadata)."""
+    import json
+
+    path = Path(classify_dir) / CLASSIFIER
+    meta = json.loads(path.with_suffix(".json").read_text())
+    return load_state(SliceClassifier(width=meta["width"]), path)
+
+
+def grad_cam(model: SliceClassifier, x: torch.Tensor, layer: str = "encoder.block4",
+             batch_size: int = 32) -> np.ndarray:
+    """Grad-CAM maps (N,S,S) in [0,1] of the lesion logit for a batch of canonical slices."""
+    from monai.visualize import GradCAM
+
+    cam = GradCAM(nn_module=model, target_layers=layer)
+    maps = []
+    for start in range(0, len(x), batch_size):
+        chunk = x[start:start + batch_size].clone().requires_grad_(False)
+        maps.append(cam(chunk, class_idx=0).detach()[:, 0].numpy())
+    return np.concatenate(maps) if maps else np.zeros((0, *x.shape[-2:]), np.float32)
+
+
+def cam_rows(index: pd.DataFrame) -> pd.DataFrame:
+    """Slices that get a CAM: positive train/val slices and every evaluation slice."""
+    positive = index["split"].isin(["train", "val"]) & (index["label"] == 1)
+    return index[positive | (index["split"] == "eval")]
+
+
+def coarse_labels(lungs_dir: str | Path, classify_dir: str | Path, out_dir: str | Path,
+                  params: dict[str, Any]) -> pd.DataFrame:
+    """Write soft CAM maps + thresholded coarse masks (`coarse.npz`) and per-slice stats (`coarse.parquet`)."""
+    cfg = params["coarse"]
+    slices = SliceSet.load(lungs_dir)
+    model = load_classifier(classify_dir)
+    rows = cam_rows(slices.index)
+    positions = rows["row"].to_numpy()
+    size = slices.images.shape[-1]
+    soft = np.zeros((len(slices.index), size, size), dtype=np.float16)
+    for start in tqdm(range(0, len(positions), 64), desc="grad-cam", unit="batch"):
+        chunk = positions[start:start + 64]
+        maps = grad_cam(model, slices.tensor(chunk), cfg["layer"])
+        soft[chunk] = maps * slices.lungs[chunk]
+    coarse = (soft.astype(np.float32) >= cfg["threshold"]) & slices.lungs
+    np.savez_compressed(Path(out_dir) / MAPS, cam=soft, coarse=coarse)
+    stats = label_stats(slices, coarse, rows)
+    stats["classifier_p"] = predict_proba(model, slices, positions)
+    stats.to_parquet(Path(out_dir) / STATS, index=False)
+    return stats
+
+
+def label_stats(slices: SliceSet, masks: np.ndarray, rows: pd.DataFrame) -> pd.DataFrame:
+    """Per-slice statistics of a label map: area as a fraction of lung, share of pixels inside the lung."""
+    positions = rows["row"].to_numpy()
+    label = masks[positions].reshape(len(positions), -1)
+    lung = slices.lungs[positions].reshape(len(positions), -1)
+    area = label.sum(axis=1)
+    inside = (label & lung).sum(axis=1)
+    return pd.DataFrame({
+        "row": positions, "case_id": rows["case_id"].to_numpy(), "split": rows["split"].to_numpy(),
+        "source": rows["source"].to_numpy(), "label": rows["label"].to_numpy(),
+        "area_fraction_of_lung": area / np.maximum(lung.sum(axis=1), 1),
+        "inside_lung_fraction": np.where(area > 0, inside / np.maximum(area, 1), 1.0),
+        "empty": area == 0,
+    })

@@ -1,0 +1,83 @@
+"""Evaluation on slices with radiologist masks (never used for anything but these numbers).
+
+Two entry points sharing the metrics: `evaluate_pipeline` (the pipeline stage: Table-1 rows for coarse
+labels, fine labels and the final segmenter, plus Grad-CAM inside vs outside the lesions) and
+`evaluate_folder` (`covseg evaluate`: any folder laid out like medseg-100, with any trained model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from covseg.cam import MAPS as CAM_MAPS
+from covseg.harmonise import from_canonical, geometry_of
+from covseg.io import SLICE_SUFFIXES, InputError, read_mask, read_slice
+from covseg.metrics import summarise
+from covseg.mil import LABELS as FINE
+from covseg.segment import load_segmenter, segment_canonical
+from covseg.training import SliceSet
+
+
+def _read_mask(ingest_dir: Path, row: pd.Series) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(ingest_dir / row["mask_file"]))) > 127
+
+
+def evaluate_pipeline(ingest_dir: str | Path, lungs_dir: str | Path, coarse_dir: str | Path,
+                      mil_dir: str | Path, segment_dir: str | Path) -> dict[str, Any]:
+    """Table-1 rows (coarse / fine / final) on the evaluation split, in each slice's own geometry."""
+    ingest_dir = Path(ingest_dir)
+    slices = SliceSet.load(lungs_dir)
+    rows = slices.rows("eval")
+    if rows.empty:
+        raise InputError(lungs_dir, "no evaluation slices (a source with role: eval is needed)")
+    positions = rows["row"].to_numpy()
+    truths = [_read_mask(ingest_dir, row) for _, row in rows.iterrows()]
+    cam = np.load(Path(coarse_dir) / CAM_MAPS)["cam"][positions].astype(np.float32)
+    fine = np.load(Path(mil_dir) / FINE)["fine_soft"][positions].astype(np.float32)
+    model, _ = load_segmenter(segment_dir)
+    final = segment_canonical(model, slices.images[positions], slices.lungs[positions])
+    geos = [geometry_of(row) for _, row in rows.iterrows()]
+    table = {}
+    for name, maps in (("coarse", cam), ("fine", fine), ("final", final)):
+        table[name] = summarise([from_canonical(m, g) for m, g in zip(maps, geos, strict=True)], truths)
+    table["cam_inside_vs_outside"] = cam_contrast(cam, slices.lungs[positions], truths, geos)
+    return table
+
+
+def cam_contrast(cam: np.ndarray, lungs: np.ndarray, truths: list[np.ndarray], geos: list) -> dict[str, float]:
+    """Mean Grad-CAM inside the radiologist's lesions vs inside the lungs outside them (a shortcut check:
+    a classifier that learned the source, not the lesion, shows no contrast)."""
+    inside, outside = [], []
+    for m, lung, truth, geo in zip(cam, lungs, truths, geos, strict=True):
+        full, lung_full = from_canonical(m, geo), from_canonical(lung.astype(np.float32), geo) >= 0.5
+        if truth.any():
+            inside.append(full[truth].mean())
+        if (lung_full & ~truth).any():
+            outside.append(full[lung_full & ~truth].mean())
+    return {"inside": float(np.mean(inside)), "outside": float(np.mean(outside))}
+
+
+def evaluate_folder(model: str | Path, data: str | Path, rotate: int = 0, domain: str = "8bit") -> dict[str, Any]:
+    """Metrics of a model on `data/images/*` vs `data/masks/<stem>.png` (masks binarised at >127)."""
+    from covseg.predict import LesionSegmenter
+
+    data = Path(data)
+    images = sorted(p for p in (data / "images").glob("*") if p.suffix.lower() in SLICE_SUFFIXES)
+    if not images:
+        raise InputError(data / "images", "no PNG/JPEG slices")
+    segmenter = LesionSegmenter.load(model)
+    slices, truths = [], []
+    for path in images:
+        image = read_slice(path)
+        mask_path = data / "masks" / f"{path.stem}.png"
+        if not mask_path.is_file():
+            raise InputError(mask_path, f"mask for {path.name} not found")
+        truths.append(np.rot90(read_mask(mask_path, image.shape), rotate))
+        slices.append(np.ascontiguousarray(np.rot90(image, rotate)))
+    preds = segmenter.predict_slices(slices, domain)
+    return summarise([p.prob for p in preds], truths)

@@ -1,0 +1,180 @@
+"""MIL refinement of the coarse labels: 5x5 patch instances per slice, bags = slices, easy -> hard.
+
+Each slice is cut into a `grid` x `grid` lattice of patches (the instances); the bag label is the slice
+label (positive slices vs lesion-free slices). The MIL network shares its encoder with the classifier
+(it starts from the classifier's weights: "dual-task mutual"), scores each instance, and pools them with
+attention + max. Curriculum: bags are ranked by the classifier's confidence (easy = confidently right);
+epoch e trains on the easiest share `start + (1 - start) * e / (epochs - 1)` of each class. The schedule
+is logged. Fine labels = coarse mask  AND  patch score >= threshold  AND  intensity above healthy lung.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from covseg.cam import MAPS as CAM_MAPS
+from covseg.cam import STATS as CAM_STATS
+from covseg.cam import label_stats, load_classifier
+from covseg.classify import predict_proba
+from covseg.nets import MILNet
+from covseg.training import SliceSet, autocast, batches, device, fit, load_state, save_model, seed_everything
+
+MODEL, LABELS, STATS = "mil.pt", "fine.npz", "fine.parquet"
+
+
+def to_patches(x: torch.Tensor, lung: torch.Tensor, grid: int, patch: int,
+               min_lung: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,1,S,S) slices -> (B, grid*grid, 1, patch, patch) instances and (B, grid*grid) validity.
+
+    An instance is valid when at least `min_lung` of it is lung.
+    """
+    side = grid * patch
+    x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+    lung = F.interpolate(lung.float(), size=(side, side), mode="area")
+    unfold = lambda t: F.unfold(t, patch, stride=patch).transpose(1, 2)  # noqa: E731
+    patches = unfold(x).reshape(x.shape[0], grid * grid, 1, patch, patch)
+    valid = unfold(lung).mean(dim=2) >= min_lung
+    return patches, valid
+
+
+def instance_map(instance_prob: np.ndarray, grid: int, size: int) -> np.ndarray:
+    """(N, grid*grid) patch probabilities -> (N, size, size) piecewise-constant maps."""
+    maps = torch.from_numpy(instance_prob.reshape(-1, 1, grid, grid).astype(np.float32))
+    return F.interpolate(maps, size=(size, size), mode="nearest")[:, 0].numpy()
+
+
+def curriculum(difficulty: np.ndarray, labels: np.ndarray, epoch: int, epochs: int, start: float) -> np.ndarray:
+    """Indices of the bags used in `epoch`: the easiest share of each class, growing to all of them."""
+    share = 1.0 if epochs <= 1 else start + (1.0 - start) * epoch / (epochs - 1)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.nonzero(labels == label)[0]
+        ordered = members[np.argsort(difficulty[members], kind="stable")]
+        chosen.append(ordered[:max(1, int(round(share * len(ordered))))])
+    return np.concatenate(chosen)
+
+
+@torch.no_grad()
+def score_instances(model: MILNet, slices: SliceSet, rows: np.ndarray, cfg: dict[str, Any]) -> np.ndarray:
+    """(N, grid*grid) instance probabilities (invalid instances get 0)."""
+    dev = next(model.parameters()).device
+    model.eval()
+    out = []
+    for start in range(0, len(rows), 32):
+        chunk = rows[start:start + 32]
+        patches, valid = to_patches(slices.tensor(chunk), torch.from_numpy(slices.lungs[chunk])[:, None],
+                                    cfg["grid"], cfg["patch"])
+        with autocast(dev):
+            _, instance = model(patches.to(dev), valid.to(dev))
+        out.append((torch.sigmoid(instance.float()).cpu() * valid).numpy())
+    return np.concatenate(out) if out else np.zeros((0, cfg["grid"] ** 2))
+
+
+def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str | Path, out_dir: str | Path,
+              params: dict[str, Any], checkpoint_dir: str | Path) -> dict[str, Any]:
+    """Train the MIL network with the curriculum; write fine labels (`fine.npz`) and their stats."""
+    cfg = params["mil"]
+    seed_everything(params["seed"])
+    slices = SliceSet.load(lungs_dir)
+    out_dir, checkpoint_dir = Path(out_dir), Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    classifier = load_classifier(classify_dir)
+    min_lung = params["classify"]["min_lung_fraction"]
+    bags = slices.rows("train", min_lung)
+    bag_rows, bag_labels = bags["row"].to_numpy(), bags["label"].to_numpy()
+    confidence = predict_proba(classifier, slices, bag_rows)
+    difficulty = np.where(bag_labels == 1, 1.0 - confidence, confidence)
+
+    dev = device()
+    model = MILNet(width=params["classify"]["width"]).to(dev)
+    if cfg["init"] == "classifier":  # the shared encoder: what the classifier learned seeds the MIL
+        model.encoder.load_state_dict(classifier.encoder.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=1e-4)
+    rng = np.random.default_rng(params["seed"])
+    schedule: list[dict[str, Any]] = []
+
+    def run_epoch(epoch: int) -> dict[str, float]:
+        active = curriculum(difficulty, bag_labels, epoch, cfg["epochs"], cfg["curriculum_start"])
+        schedule.append({"epoch": epoch, "bags": int(len(active)),
+                         "positives": int(bag_labels[active].sum()),
+                         "max_difficulty": float(difficulty[active].max())})
+        labels = bag_labels[active]
+        weights = np.where(labels == 1, 1.0 / max(labels.sum(), 1), 1.0 / max((1 - labels).sum(), 1))
+        losses = []
+        for chosen in batches(len(active), cfg["batch_size"], weights, rng, cfg["draws_per_epoch"]):
+            picked = bag_rows[active[chosen]]
+            x = slices.tensor(picked)
+            flip = rng.random() < 0.5
+            lung = torch.from_numpy(slices.lungs[picked])[:, None]
+            if flip:
+                x, lung = x.flip(-1), lung.flip(-1)
+            patches, valid = to_patches(x, lung, cfg["grid"], cfg["patch"])
+            y = torch.as_tensor(labels[chosen], dtype=torch.float32, device=dev)
+            with autocast(dev):
+                bag, _ = model(patches.to(dev), valid.to(dev))
+                loss = F.binary_cross_entropy_with_logits(bag.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return {"loss": float(np.mean(losses)), "active_bags": float(len(active))}
+
+    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint_dir / "mil.ckpt", "mil")
+    model.eval()
+    save_model(model.cpu(), out_dir / MODEL, {"width": params["classify"]["width"], "grid": cfg["grid"],
+                                             "patch": cfg["patch"], "init": cfg["init"]})
+    (out_dir / "schedule.json").write_text(json.dumps(schedule, indent=2))
+    quality = mil_quality(model, slices, params)
+    stats = fine_labels(model, slices, coarse_dir, out_dir, params)
+    return {"history": history, "schedule": schedule, "quality": quality, "n_fine": len(stats)}
+
+
+def mil_quality(model: MILNet, slices: SliceSet, params: dict[str, Any]) -> dict[str, float]:
+    """Mask-free quality on the validation split: bag accuracy, and instance accuracy on negative bags
+    (every instance of a lesion-free slice is negative, so that one is known without pixel labels)."""
+    cfg = params["mil"]
+    val = slices.rows("val", params["classify"]["min_lung_fraction"])
+    rows, labels = val["row"].to_numpy(), val["label"].to_numpy()
+    probs = score_instances(model, slices, rows, cfg)
+    bag_pred = (probs.max(axis=1) >= 0.5).astype(int)
+    negative = probs[labels == 0]
+    _, valid = to_patches(slices.tensor(rows[labels == 0]),
+                          torch.from_numpy(slices.lungs[rows[labels == 0]])[:, None], cfg["grid"], cfg["patch"])
+    valid = valid.numpy()
+    return {"val_bag_accuracy": float((bag_pred == labels).mean()) if len(labels) else float("nan"),
+            "val_negative_instance_accuracy": float((negative[valid] < 0.5).mean()) if valid.any() else float("nan")}
+
+
+def fine_labels(model: MILNet, slices: SliceSet, coarse_dir: str | Path, out_dir: Path,
+                params: dict[str, Any]) -> pd.DataFrame:
+    """Fine labels for every slice that has a coarse label: coarse AND MIL-positive patch AND bright enough."""
+    cfg, size = params["mil"], slices.images.shape[-1]
+    coarse_npz = np.load(Path(coarse_dir) / CAM_MAPS)
+    cam, coarse = coarse_npz["cam"].astype(np.float32), coarse_npz["coarse"]
+    rows = pd.read_parquet(Path(coarse_dir) / CAM_STATS)["row"].to_numpy()
+    probs = score_instances(model, slices, rows, cfg)
+    keep = instance_map(probs, cfg["grid"], size) >= cfg["threshold"]
+    bright = slices.images[rows] >= params["fine"]["min_intensity"]
+    fine_soft = np.zeros_like(cam, dtype=np.float16)
+    fine_soft[rows] = cam[rows] * keep * bright
+    fine = np.zeros_like(coarse)
+    fine[rows] = coarse[rows] & keep & bright
+    np.savez_compressed(out_dir / LABELS, fine=fine, fine_soft=fine_soft,
+                        instance_prob=probs, rows=rows)
+    stats = label_stats(slices, fine, slices.index.set_index("row").loc[rows].reset_index())
+    stats.to_parquet(out_dir / STATS, index=False)
+    return stats
+
+
+def load_mil(mil_dir: str | Path) -> MILNet:
+    """The trained MIL network."""
+    path = Path(mil_dir) / MODEL
+    meta = json.loads(path.with_suffix(".json").read_text())
+    return load_state(MILNet(width=meta["width"]), path)

@@ -1,0 +1,98 @@
+"""The segmenter: MONAI BasicUNet trained on the fine labels (pseudo masks) of the training split.
+
+Targets are the MIL-refined fine labels of positive slices and empty masks for lesion-free slices. Input is
+the lung-masked harmonised slice; the loss (BCE + soft Dice) and the prediction are confined to the lungs.
+CUDA with bf16 autocast when present, CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from covseg.mil import LABELS as FINE
+from covseg.nets import build_segmenter
+from covseg.training import SliceSet, autocast, batches, device, fit, load_state, save_model, seed_everything
+
+MODEL = "segmenter.pt"
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """1 - soft Dice over the batch, counted inside `region` only."""
+    prob = torch.sigmoid(logits) * region
+    inter = (prob * target).sum()
+    return 1.0 - (2 * inter + 1.0) / (prob.sum() + target.sum() + 1.0)
+
+
+def train_segmenter(lungs_dir: str | Path, mil_dir: str | Path, out_dir: str | Path,
+                    params: dict[str, Any], checkpoint_dir: str | Path) -> dict[str, Any]:
+    """Train the U-Net on fine labels; save `segmenter.pt` (+ JSON metadata)."""
+    cfg = params["segment"]
+    seed_everything(params["seed"])
+    slices = SliceSet.load(lungs_dir)
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    fine = np.load(Path(mil_dir) / FINE)["fine"]
+    train = slices.rows("train", params["classify"]["min_lung_fraction"])
+    rows, labels = train["row"].to_numpy(), train["label"].to_numpy()
+    weights = np.where(labels == 1, 1.0 / max(labels.sum(), 1), cfg["negative_share"] / max((1 - labels).sum(), 1))
+    dev = device()
+    model = build_segmenter(tuple(cfg["features"])).to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=1e-4)
+    rng = np.random.default_rng(params["seed"])
+    generator = torch.Generator().manual_seed(params["seed"])
+
+    def run_epoch(epoch: int) -> dict[str, float]:
+        losses = []
+        for chosen in batches(len(rows), cfg["batch_size"], weights, rng, cfg["draws_per_epoch"]):
+            picked = rows[chosen]
+            x = slices.tensor(picked)
+            y = torch.from_numpy(fine[picked]).float()[:, None]
+            region = torch.from_numpy(slices.lungs[picked]).float()[:, None]
+            flip = torch.rand(len(picked), generator=generator) < 0.5
+            x, y, region = (torch.where(flip[:, None, None, None], t.flip(-1), t) for t in (x, y, region))
+            gain = 1.0 + 0.1 * (torch.rand(len(picked), 1, 1, 1, generator=generator) * 2 - 1)
+            x = (x * gain).clamp(0, 1) * region
+            x, y, region = x.to(dev), y.to(dev), region.to(dev)
+            with autocast(dev):
+                logits = model(x).float()
+            bce = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * region).sum() / region.sum()
+            loss = bce + soft_dice_loss(logits, y, region)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return {"loss": float(np.mean(losses))}
+
+    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint_dir / "segmenter.ckpt", "segment")
+    save_model(model.cpu(), Path(out_dir) / MODEL, {"features": list(cfg["features"]),
+                                                   "image_size": params["image_size"],
+                                                   "seed": params["seed"], "profile": params["profile"]})
+    return {"history": history, "n_train": len(rows)}
+
+
+def load_segmenter(model_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained U-Net and its metadata (image size, features)."""
+    path = Path(model_dir) / MODEL
+    meta = json.loads(path.with_suffix(".json").read_text())
+    return load_state(build_segmenter(tuple(meta["features"])), path), meta
+
+
+@torch.no_grad()
+def segment_canonical(model: torch.nn.Module, images: np.ndarray, lungs: np.ndarray,
+                      batch_size: int = 32) -> np.ndarray:
+    """Lesion probability (N,S,S) for canonical lung-masked slices; zero outside the lungs."""
+    dev = next(model.parameters()).device
+    model.eval()
+    out = np.zeros(images.shape, dtype=np.float32)
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size], np.float32))[:, None]
+        with autocast(dev):
+            prob = torch.sigmoid(model(x.to(dev)).float())[:, 0].cpu().numpy()
+        out[start:start + batch_size] = prob * lungs[start:start + batch_size]
+    return out

@@ -1,0 +1,134 @@
+"""What every training stage shares: seeding, device and autocast, augmentation, the epoch loop with
+per-epoch checkpoints (a killed run resumes where it stopped), and the canonical slice arrays."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from covseg.harmonise import INDEX, SLICES
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def device() -> torch.device:
+    """CUDA when present, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(dev: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; nothing on the CPU."""
+    if dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class SliceSet:
+    """The canonical slices of the lungs stage: images (N,S,S) float32, lungs (N,S,S) bool, the index."""
+
+    images: np.ndarray
+    lungs: np.ndarray
+    index: pd.DataFrame
+
+    @classmethod
+    def load(cls, lungs_dir: str | Path) -> SliceSet:
+        lungs_dir = Path(lungs_dir)
+        arrays = np.load(lungs_dir / SLICES)
+        return cls(arrays["image"].astype(np.float32), arrays["lung"], pd.read_parquet(lungs_dir / INDEX))
+
+    def rows(self, split: str, min_lung_fraction: float = 0.0) -> pd.DataFrame:
+        """Index rows of one split whose lung mask covers at least `min_lung_fraction` of the slice."""
+        sel = (self.index["split"] == split) & (self.index["lung_fraction"] >= min_lung_fraction)
+        return self.index[sel]
+
+    def tensor(self, rows: np.ndarray) -> torch.Tensor:
+        """(B,1,S,S) float tensor of the lung-masked images of `rows`."""
+        return torch.from_numpy(self.images[rows])[:, None]
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Left-right flips, contrast/brightness jitter and noise (keeps zeros outside the lungs at zero)."""
+    batch = x.shape[0]
+    inside = (x > 0).float()
+    flip = torch.rand(batch, generator=generator) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    inside = torch.where(flip[:, None, None, None], inside.flip(-1), inside)
+    gain = 1.0 + 0.15 * (torch.rand(batch, 1, 1, 1, generator=generator) * 2 - 1)
+    bias = 0.04 * (torch.rand(batch, 1, 1, 1, generator=generator) * 2 - 1)
+    noise = 0.02 * torch.randn(x.shape, generator=generator)
+    return ((x * gain + bias + noise).clamp(0, 1)) * inside
+
+
+def balanced_weights(rows: pd.DataFrame) -> np.ndarray:
+    """Sampling weights: half the draws per label, split evenly among the sources holding that label."""
+    cells = rows.groupby(["label", "source"])["row"].transform("size").to_numpy(float)
+    sources_per_label = rows.groupby("label")["source"].transform("nunique").to_numpy(float)
+    n_labels = rows["label"].nunique()
+    return 1.0 / (cells * sources_per_label * n_labels)
+
+
+def batches(n_items: int, batch_size: int, weights: np.ndarray | None, rng: np.random.Generator,
+            n_draws: int | None = None) -> Iterator[np.ndarray]:
+    """Index batches: weighted draws with replacement when `weights` is given, else a shuffled pass."""
+    if weights is None:
+        order = rng.permutation(n_items)
+    else:
+        order = rng.choice(n_items, size=n_draws or n_items, replace=True, p=weights / weights.sum())
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+def fit(model: nn.Module, epochs: int, run_epoch: Callable[[int], dict[str, float]],
+        optimizer: torch.optim.Optimizer, checkpoint: Path, desc: str) -> list[dict[str, Any]]:
+    """Run `run_epoch(epoch)` for each epoch, checkpointing model + optimizer + history after each one.
+
+    If `checkpoint` exists (a killed run), training resumes after its last finished epoch.
+    """
+    history: list[dict[str, Any]] = []
+    start = 0
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history = json.loads(state["history"])
+        start = len(history)
+    bar = tqdm(range(start, epochs), desc=desc, unit="epoch", initial=start, total=epochs)
+    for epoch in bar:
+        model.train()
+        record = {"epoch": epoch, **run_epoch(epoch)}
+        history.append(record)
+        bar.set_postfix({k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
+        tmp = checkpoint.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "history": json.dumps(history)}, tmp)
+        tmp.replace(checkpoint)
+    return history
+
+
+def save_model(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
+    """State dict + JSON metadata (architecture arguments, seed, profile) side by side."""
+    torch.save(model.state_dict(), path)
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str))
+
+
+def load_state(model: nn.Module, path: Path) -> nn.Module:
+    """Load weights saved by `save_model` (weights_only: no pickled code is executed)."""
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
