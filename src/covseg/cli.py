@@ -161,6 +161,32 @@ def segment(profile: str | None) -> None:
     click.echo(f"segmenter trained on {result['n_train']} slices; last loss {result['history'][-1]['loss']:.4f}")
 
 
+@main.command("gate-a")
+@profile_option
+@_friendly_errors
+def gate_a(profile: str | None) -> None:
+    """Gate A (Great Expectations) on the coarse labels and the classifier's validation AUC."""
+    from covseg import stages
+
+    params = load_params(profile)
+    p = _stage_paths(params)
+    result = stages.gate_a(p["classify"], p["coarse"], _artifacts(params, "gates", "gate_a.json"), params)
+    click.echo(f"gate A passed: {len(result['checks'])} expectations")
+
+
+@main.command("gate-b")
+@profile_option
+@_friendly_errors
+def gate_b(profile: str | None) -> None:
+    """Gate B (Great Expectations) on the fine labels and the MIL instance accuracy."""
+    from covseg import stages
+
+    params = load_params(profile)
+    p = _stage_paths(params)
+    result = stages.gate_b(p["mil"], _artifacts(params, "gates", "gate_b.json"), params)
+    click.echo(f"gate B passed: {len(result['checks'])} expectations")
+
+
 def _table(rows: dict[str, dict[str, Any]]) -> str:
     keys = ("dice", "iou", "ppv", "sensitivity", "specificity")
     lines = [f"{'':<10}" + "".join(f"{k:>12}" for k in keys) + f"{'slices':>8}"]
@@ -204,12 +230,42 @@ def evaluate(model: str, data: Path, rotate: int, fmt: str) -> None:
 
 @main.command()
 @profile_option
+@_friendly_errors
+def register(profile: str | None) -> None:
+    """Log + register the segmenter in MLflow; promote it to champion if it beats the current one."""
+    from covseg import stages
+
+    params = load_params(profile)
+    p = _stage_paths(params)
+    result = stages.register(p["ingest"], p["segment"], params)
+    d = result["decision"]
+    click.echo(f"{params['register']['name']} v{result['version']}: {d['decision']} ({d['reason']})")
+
+
+@main.command()
+def models() -> None:
+    """List registered versions of covseg with aliases, data version and Dice."""
+    import mlflow
+
+    from covseg.tracking import configure
+
+    configure()
+    client = mlflow.MlflowClient()
+    for mv in sorted(client.search_model_versions("name = 'covseg'"), key=lambda m: int(m.version)):
+        aliases = ",".join(mv.aliases) or "-"
+        click.echo(f"v{mv.version:<4} {aliases:<20} dice={mv.tags.get('candidate_dice', mv.tags.get('eval_dice', '?')):<8} "
+                   f"data={mv.tags.get('data_md5', '?')[:12]} commit={mv.tags.get('git_commit', '?')[:8]} "
+                   f"{mv.tags.get('promotion_decision', '')}")
+
+
+@main.command()
+@profile_option
 @click.option("--from-stage", default="ingest", help="Skip the stages before this one.")
 @_friendly_errors
 def run(profile: str | None, from_stage: str) -> None:
     """Run the whole pipeline in this process (ingest -> evaluate), printing each stage's summary."""
     ctx = click.get_current_context()
-    order = [ingest, gate0, lungs, classify, coarse, mil, segment, evaluate_pipeline]
+    order = [ingest, gate0, lungs, classify, coarse, gate_a, mil, gate_b, segment, evaluate_pipeline, register]
     names = [c.name for c in order]
     if from_stage not in names:
         raise click.BadParameter(f"choose one of {', '.join(names)}", param_hint="--from-stage")

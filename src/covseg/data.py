@@ -25,7 +25,7 @@ def import_sources(source: str | Path, data_dir: str | Path, track: bool = True)
     if data_dir.exists() and any(data_dir.iterdir()):
         raise InputError(data_dir, "already holds data; remove it first or import into another folder")
     with atomic_dir(data_dir) as scratch:
-        for path in tqdm(files, desc="import", unit="file"):
+        for path in tqdm(files, desc="import", unit="file", disable=None):
             target = scratch / path.relative_to(source)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)

@@ -28,8 +28,11 @@ def _read_mask(ingest_dir: Path, row: pd.Series) -> np.ndarray:
 
 
 def evaluate_pipeline(ingest_dir: str | Path, lungs_dir: str | Path, coarse_dir: str | Path,
-                      mil_dir: str | Path, segment_dir: str | Path) -> dict[str, Any]:
-    """Table-1 rows (coarse / fine / final) on the evaluation split, in each slice's own geometry."""
+                      mil_dir: str | Path, segment_dir: str | Path, figure: str | Path | None = None) -> dict[str, Any]:
+    """Table-1 rows (coarse / fine / final) on the evaluation split, in each slice's own geometry.
+
+    With `figure`, also draws the method panel (CT, Grad-CAM, coarse, fine, final, ground truth) there.
+    """
     ingest_dir = Path(ingest_dir)
     slices = SliceSet.load(lungs_dir)
     rows = slices.rows("eval")
@@ -46,7 +49,22 @@ def evaluate_pipeline(ingest_dir: str | Path, lungs_dir: str | Path, coarse_dir:
     for name, maps in (("coarse", cam), ("fine", fine), ("final", final)):
         table[name] = summarise([from_canonical(m, g) for m, g in zip(maps, geos, strict=True)], truths)
     table["cam_inside_vs_outside"] = cam_contrast(cam, slices.lungs[positions], truths, geos)
+    if figure:
+        _panel(figure, slices.images[positions], cam, fine, final, truths, geos, rows["case_id"].tolist())
     return table
+
+
+def _panel(path: str | Path, images: np.ndarray, cam: np.ndarray, fine: np.ndarray, final: np.ndarray,
+           truths: list[np.ndarray], geos: list, names: list[str], n: int = 4) -> None:
+    from covseg import report
+    from covseg.harmonise import to_canonical
+
+    pick = np.linspace(0, len(images) - 1, min(n, len(images))).round().astype(int)
+    truth_c = np.stack([to_canonical(truths[i].astype(np.float32), geos[i], mode="nearest") for i in pick])
+    figure = report.method_panel(images[pick], {
+        "Grad-CAM": cam[pick], "coarse": (cam[pick] >= 0.5).astype(float), "fine": (fine[pick] >= 0.5).astype(float),
+        "final": (final[pick] >= 0.5).astype(float), "ground truth": truth_c}, [names[i][-14:] for i in pick])
+    report.save(figure, path)
 
 
 def cam_contrast(cam: np.ndarray, lungs: np.ndarray, truths: list[np.ndarray], geos: list) -> dict[str, float]:
@@ -81,3 +99,25 @@ def evaluate_folder(model: str | Path, data: str | Path, rotate: int = 0, domain
         slices.append(np.ascontiguousarray(np.rot90(image, rotate)))
     preds = segmenter.predict_slices(slices, domain)
     return summarise([p.prob for p in preds], truths)
+
+
+def evaluate_ingested(segmenter: Any, ingest_dir: str | Path, max_slices: int = 0) -> dict[str, Any]:
+    """Metrics of a LesionSegmenter on the evaluation rows of an ingested dataset (raw slice -> mask).
+
+    The promotion step scores the candidate and the current champion with this same function, so the
+    comparison is like for like whatever image size each model was trained at.
+    """
+    ingest_dir = Path(ingest_dir)
+    manifest = pd.read_parquet(ingest_dir / "manifest.parquet")
+    rows = manifest[manifest["role"] == "eval"]
+    if max_slices > 0:
+        rows = rows.head(max_slices)
+    if rows.empty:
+        raise InputError(ingest_dir, "no evaluation slices in the manifest")
+    probs, truths = [], []
+    for domain, group in rows.groupby("domain"):
+        images = [sitk.GetArrayFromImage(sitk.ReadImage(str(ingest_dir / f))) for f in group["file"]]
+        images = [img[z] if img.ndim == 3 else img for img, z in zip(images, group["z"], strict=True)]
+        truths += [_read_mask(ingest_dir, row) for _, row in group.iterrows()]
+        probs += [p.prob for p in segmenter.predict_slices(images, domain)]
+    return summarise(probs, truths)

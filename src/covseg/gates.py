@@ -52,8 +52,10 @@ def run_gate(name: str, tables: dict[str, pd.DataFrame], checks: list[Check], re
     """Validate `tables` against `checks`; write the JSON report; raise GateFailed on any failure."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx  # heavy (3 s): import only when a gate runs
+    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
     datasource = context.data_sources.add_pandas(f"covseg-{name}")
     records, failures = [], []
     for table_name, frame in tables.items():
@@ -117,3 +119,21 @@ def gate0_tables(manifest: pd.DataFrame) -> dict[str, pd.DataFrame]:
         "hashes": manifest.assign(h=raw_hash).groupby("h")["split"].nunique().rename("n_splits").reset_index(),
         "volumes": manifest.groupby("volume_id")["split"].nunique().rename("n_splits").reset_index(),
     }
+
+
+def label_gate_checks(gate: dict[str, Any]) -> list[Check]:
+    """Gates A and B: per-slice statistics of coarse / fine labels, plus a model-quality floor."""
+    return [
+        Check("labels", "ExpectColumnMeanToBeBetween", {"column": "area_fraction_of_lung",
+                                                        "min_value": gate["area_min"], "max_value": gate["area_max"]}),
+        Check("labels", "ExpectColumnValuesToBeBetween", {"column": "inside_lung_fraction", "min_value": 1.0}),
+        Check("labels", "ExpectColumnMeanToBeBetween", {"column": "empty", "max_value": gate["max_empty_share"]}),
+        Check("labels", "ExpectColumnValuesToBeInSet", {"column": "label", "value_set": [1]}),
+        Check("quality", "ExpectColumnValuesToBeBetween", {"column": "value", "min_value": gate["quality_floor"]}),
+    ]
+
+
+def label_gate_tables(stats: pd.DataFrame, quality: dict[str, float]) -> dict[str, pd.DataFrame]:
+    """Tables for gates A/B: the label statistics of training/validation slices and the quality numbers."""
+    labels = stats[stats["split"].isin(["train", "val"])].assign(empty=lambda f: f["empty"].astype(float))
+    return {"labels": labels, "quality": pd.DataFrame({"metric": list(quality), "value": list(quality.values())})}

@@ -74,15 +74,25 @@ def _slice_stats(array: np.ndarray) -> dict[str, float]:
             "pix_mean": float(values.mean()), "nan_count": int((~finite).sum())}
 
 
+def _read_labels(path: Path, index_column: str) -> dict[tuple[str, int], int]:
+    """A slice label table: columns case, <index_column>, lesion -> {(case, index): lesion}."""
+    if not path.is_file():
+        raise InputError(path, "slice label table not found")
+    labels: dict[tuple[str, int], int] = {}
+    with open(path, newline="") as handle:
+        for number, row in enumerate(csv.DictReader(handle), start=2):
+            try:
+                labels[(row["case"], int(row[index_column]))] = int(row["lesion"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise InputError(path, f"line {number}: needs columns case, {index_column}, lesion "
+                                       f"with integer values ({exc})") from exc
+    return labels
+
+
 def _dicom_rows(dataset: str, folder: Path, cfg: dict[str, Any], out: Path,
                 allow_identified: bool) -> Iterator[SliceRow]:
     labels_path = folder / cfg["labels"]
-    if not labels_path.is_file():
-        raise InputError(labels_path, "slice label table not found")
-    labels: dict[tuple[str, int], int] = {}
-    with open(labels_path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            labels[(row["case"], int(row["instance_number"]))] = int(row["lesion"])
+    labels = _read_labels(labels_path, "instance_number")
     cases = sorted(p for p in folder.iterdir() if p.is_dir())
     if not cases:
         raise InputError(folder, "no DICOM series folders")
@@ -105,11 +115,7 @@ def _dicom_rows(dataset: str, folder: Path, cfg: dict[str, Any], out: Path,
 
 def _nifti_rows(dataset: str, folder: Path, cfg: dict[str, Any], out: Path) -> Iterator[SliceRow]:
     """NIfTI volumes (`<case>.nii.gz`) with an optional `labels` CSV: case, slice_index, lesion."""
-    labels: dict[tuple[str, int], int] = {}
-    if cfg.get("labels"):
-        with open(folder / cfg["labels"], newline="") as handle:
-            for row in csv.DictReader(handle):
-                labels[(row["case"], int(row["slice_index"]))] = int(row["lesion"])
+    labels = _read_labels(folder / cfg["labels"], "slice_index") if cfg.get("labels") else {}
     files = sorted(p for p in folder.iterdir() if p.name.endswith(VOLUME_SUFFIXES))
     if not files:
         raise InputError(folder, "no NIfTI volumes")
@@ -144,7 +150,7 @@ def _slice_rows(dataset: str, folder: Path, cfg: dict[str, Any], out: Path) -> I
         raise InputError(images, "no PNG/JPEG slices")
     pattern = re.compile(cfg["volume_pattern"])
     label = UNKNOWN if cfg.get("label", "unknown") == "unknown" else int(cfg["label"])
-    for path in tqdm(files, desc=f"ingest {dataset}", unit="slice", leave=False):
+    for path in tqdm(files, desc=f"ingest {dataset}", unit="slice", leave=False, disable=None):
         match = pattern.match(path.stem)
         if not match:
             raise InputError(path, f"file name does not match volume_pattern {cfg['volume_pattern']!r}")

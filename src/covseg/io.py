@@ -126,6 +126,8 @@ def read_dicom_series(folder: str | Path, allow_identified: bool = False) -> Dic
     image = sitk.DICOMOrient(image, "LPS")
     if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
         raise InputError(folder, "series contains NaN or infinite values")
+    # Reorientation may flip the slice axis: order the files as the oriented volume's z index runs.
+    names.sort(key=lambda n: image.TransformPhysicalPointToContinuousIndex(_position(headers[n]))[2])
     instances = [int(_tag(headers[n], TAG_INSTANCE_NUMBER) or -1) for n in names]
     return DicomSeries(image=sitk.Cast(image, sitk.sitkInt16), instance_numbers=instances, files=names)
 
@@ -142,10 +144,10 @@ def _check_positions(folder: Path, names: list[str], positions: list[list[float]
     steps = np.linalg.norm(np.diff(np.asarray(positions), axis=0), axis=1)
     if steps.min() <= 1e-3:
         raise InputError(folder, "two slices share one position (duplicated slice)")
-    if steps.max() > 1.5 * np.median(steps):
+    if steps.max() > 1.5 * steps.min():
         gap = int(np.argmax(steps))
         raise InputError(folder, f"gap in slice positions after {Path(names[gap]).name} "
-                                 f"({steps[gap]:.1f} mm vs {np.median(steps):.1f} mm): missing slices")
+                                 f"({steps[gap]:.1f} mm vs {steps.min():.1f} mm): missing slices")
 
 
 def read_volume(path: str | Path) -> sitk.Image:

@@ -24,7 +24,20 @@ from covseg.cam import STATS as CAM_STATS
 from covseg.cam import label_stats, load_classifier
 from covseg.classify import predict_proba
 from covseg.nets import MILNet
-from covseg.training import SliceSet, autocast, batches, device, fit, load_state, save_model, seed_everything
+from covseg.training import (
+    SliceSet,
+    autocast,
+    batches,
+    checkpoint_path,
+    device,
+    fit,
+    load_state,
+    save_model,
+    seed_everything,
+)
+from covseg.training import (
+    run_key as _run_key,
+)
 
 MODEL, LABELS, STATS = "mil.pt", "fine.npz", "fine.parquet"
 
@@ -84,7 +97,6 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
     seed_everything(params["seed"])
     slices = SliceSet.load(lungs_dir)
     out_dir, checkpoint_dir = Path(out_dir), Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
     classifier = load_classifier(classify_dir)
     min_lung = params["classify"]["min_lung_fraction"]
     bags = slices.rows("train", min_lung)
@@ -126,7 +138,7 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
             losses.append(loss.item())
         return {"loss": float(np.mean(losses)), "active_bags": float(len(active))}
 
-    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint_dir / "mil.ckpt", "mil")
+    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint_path(checkpoint_dir, "mil", {**cfg, **_run_key(params)}), "mil")
     model.eval()
     save_model(model.cpu(), out_dir / MODEL, {"width": params["classify"]["width"], "grid": cfg["grid"],
                                              "patch": cfg["patch"], "init": cfg["init"]})

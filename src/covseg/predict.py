@@ -36,16 +36,29 @@ class LesionSegmenter:
     def load(cls, model: str | Path) -> LesionSegmenter:
         """From a folder holding segmenter.pt (+ .json), or an MLflow URI such as models:/covseg@champion."""
         text = str(model)
-        if "://" in text or text.startswith("models:/") or text.startswith("runs:/"):
-            import mlflow
+        if text.startswith(("models:/", "runs:/")) or "://" in text:
+            import mlflow.pyfunc
 
-            local = mlflow.artifacts.download_artifacts(f"{text.rstrip('/')}/artifacts/segmenter")
-            return cls(*load_segmenter(local))
+            from covseg.tracking import configure
+
+            configure()
+            return mlflow.pyfunc.load_model(text).unwrap_python_model().segmenter
         if not Path(text).is_dir():
             from covseg.io import InputError
 
             raise InputError(text, "model folder not found (expected segmenter.pt inside)")
         return cls(*load_segmenter(text))
+
+    @classmethod
+    def from_files(cls, weights: str | Path, meta: str | Path) -> LesionSegmenter:
+        """From a state-dict file and its JSON metadata (as stored in the MLflow model)."""
+        import json
+
+        from covseg.nets import build_segmenter
+        from covseg.training import load_state
+
+        info = json.loads(Path(meta).read_text())
+        return cls(load_state(build_segmenter(tuple(info["features"])), Path(weights)), info)
 
     def predict_slices(self, images: list[np.ndarray], domain: str, batch_size: int = 32) -> list[SlicePrediction]:
         """Batched prediction for 2-D slices in the radiological view (anterior up)."""

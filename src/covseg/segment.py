@@ -17,7 +17,20 @@ import torch.nn.functional as F
 
 from covseg.mil import LABELS as FINE
 from covseg.nets import build_segmenter
-from covseg.training import SliceSet, autocast, batches, device, fit, load_state, save_model, seed_everything
+from covseg.training import (
+    SliceSet,
+    autocast,
+    batches,
+    checkpoint_path,
+    device,
+    fit,
+    load_state,
+    save_model,
+    seed_everything,
+)
+from covseg.training import (
+    run_key as _run_key,
+)
 
 MODEL = "segmenter.pt"
 
@@ -35,8 +48,6 @@ def train_segmenter(lungs_dir: str | Path, mil_dir: str | Path, out_dir: str | P
     cfg = params["segment"]
     seed_everything(params["seed"])
     slices = SliceSet.load(lungs_dir)
-    checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
     fine = np.load(Path(mil_dir) / FINE)["fine"]
     train = slices.rows("train", params["classify"]["min_lung_fraction"])
     rows, labels = train["row"].to_numpy(), train["label"].to_numpy()
@@ -69,7 +80,7 @@ def train_segmenter(lungs_dir: str | Path, mil_dir: str | Path, out_dir: str | P
             losses.append(loss.item())
         return {"loss": float(np.mean(losses))}
 
-    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint_dir / "segmenter.ckpt", "segment")
+    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint_path(checkpoint_dir, "segmenter", {**cfg, **_run_key(params)}), "segment")
     save_model(model.cpu(), Path(out_dir) / MODEL, {"features": list(cfg["features"]),
                                                    "image_size": params["image_size"],
                                                    "seed": params["seed"], "profile": params["profile"]})

@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from covseg import gates
+from covseg import gates, tracking
 from covseg import ingest as ingest_mod
 from covseg.io import atomic_dir
 
@@ -47,9 +47,11 @@ def classify(lungs_dir: str | Path, out_dir: str | Path, params: dict[str, Any],
     """Train the slice classifier; `metrics.json` holds validation AUC per source and the source probe."""
     from covseg.classify import train_classifier
 
-    with atomic_dir(out_dir) as scratch:
+    with tracking.stage_run("classify", params, "classify") as run, atomic_dir(out_dir) as scratch:
         result = train_classifier(lungs_dir, scratch, params, checkpoint_dir)
         _write_json(scratch / "metrics.json", result)
+        tracking.log_metrics(run, {"val_auc": result["val_auc"], "probe": result["probe"]})
+        tracking.log_history(run, result["history"], "classify")
     return result
 
 
@@ -67,9 +69,11 @@ def mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str | Path,
     """MIL refinement (easy -> hard) -> fine labels (`fine.npz`, `fine.parquet`, `metrics.json`)."""
     from covseg.mil import train_mil
 
-    with atomic_dir(out_dir) as scratch:
+    with tracking.stage_run("mil", params, "mil") as run, atomic_dir(out_dir) as scratch:
         result = train_mil(lungs_dir, classify_dir, coarse_dir, scratch, params, checkpoint_dir)
         _write_json(scratch / "metrics.json", result)
+        tracking.log_metrics(run, result["quality"])
+        tracking.log_history(run, result["history"], "mil")
     return result
 
 
@@ -78,9 +82,10 @@ def segment(lungs_dir: str | Path, mil_dir: str | Path, out_dir: str | Path, par
     """Train the U-Net on the fine labels (`segmenter.pt`)."""
     from covseg.segment import train_segmenter
 
-    with atomic_dir(out_dir) as scratch:
+    with tracking.stage_run("segment", params, "segment") as run, atomic_dir(out_dir) as scratch:
         result = train_segmenter(lungs_dir, mil_dir, scratch, params, checkpoint_dir)
         _write_json(scratch / "metrics.json", result)
+        tracking.log_history(run, result["history"], "segment")
     return result
 
 
@@ -89,7 +94,80 @@ def evaluate(ingest_dir: str | Path, lungs_dir: str | Path, coarse_dir: str | Pa
     """Table-1 rows (coarse / fine / final) on the evaluation slices (`metrics.json`)."""
     from covseg.evaluate import evaluate_pipeline
 
-    with atomic_dir(out_dir) as scratch:
-        table = evaluate_pipeline(ingest_dir, lungs_dir, coarse_dir, mil_dir, segment_dir)
+    with tracking.stage_run("evaluate", params) as run, atomic_dir(out_dir) as scratch:
+        table = evaluate_pipeline(ingest_dir, lungs_dir, coarse_dir, mil_dir, segment_dir, scratch / "panel.png")
         _write_json(scratch / "metrics.json", table)
+        tracking.log_metrics(run, table)
+        if run is not None:
+            import mlflow
+
+            mlflow.log_artifact(str(scratch / "panel.png"), "figures")
     return table
+
+
+def gate_a(classify_dir: str | Path, coarse_dir: str | Path, report: str | Path, params: dict[str, Any]) -> dict:
+    """Gate A between coarse and fine labels: coarse-label statistics + classifier validation AUC floor."""
+    import json
+
+    from covseg.cam import STATS
+
+    stats = pd.read_parquet(Path(coarse_dir) / STATS)
+    auc = json.loads((Path(classify_dir) / "metrics.json").read_text())["val_auc"]["all"]
+    tables = gates.label_gate_tables(stats, {"classifier_val_auc": auc})
+    return gates.run_gate("gate_a", tables, gates.label_gate_checks(params["gate_a"]), report)
+
+
+def gate_b(mil_dir: str | Path, report: str | Path, params: dict[str, Any]) -> dict:
+    """Gate B after the fine labels: fine-label statistics + MIL negative-instance accuracy floor."""
+    import json
+
+    from covseg.mil import STATS
+
+    stats = pd.read_parquet(Path(mil_dir) / STATS)
+    quality = json.loads((Path(mil_dir) / "metrics.json").read_text())["quality"]
+    tables = gates.label_gate_tables(stats, {"mil_val_negative_instance_accuracy":
+                                             quality["val_negative_instance_accuracy"]})
+    return gates.run_gate("gate_b", tables, gates.label_gate_checks(params["gate_b"]), report)
+
+
+def register(ingest_dir: str | Path, segment_dir: str | Path, params: dict[str, Any]) -> dict:
+    """Log the segmenter as the MLflow pyfunc model `covseg`, register a version, promote or not.
+
+    Candidate and current champion are scored by the same function on the same evaluation slices; the
+    candidate takes `champion` only when its Dice beats the champion's by `register.margin` and it passes
+    the absolute floors, else `challenger`. The decision and both scores are tags on the version.
+    """
+    import mlflow
+    import numpy as np
+
+    from covseg import registry
+    from covseg.evaluate import evaluate_ingested
+    from covseg.predict import LesionSegmenter
+    from covseg.segment import MODEL
+    from covseg.serving import SEGMENTER_META, SEGMENTER_PT, CovsegModel
+
+    cfg = params["register"]
+    if not tracking.enabled():
+        raise RuntimeError("register needs MLflow tracking (unset COVSEG_TRACKING=0)")
+    segmenter = LesionSegmenter.load(segment_dir)
+    candidate = evaluate_ingested(segmenter, ingest_dir, params.get("max_eval_slices", 0))
+    with tracking.stage_run("register", params, "register") as run:
+        tracking.log_metrics(run, candidate, prefix="eval.")
+        weights = Path(segment_dir) / MODEL
+        example = np.zeros((1, 64, 64), dtype=np.float32)
+        example[0, 16:48, 8:28] = example[0, 16:48, 36:56] = 30.0  # two dark "lungs" in a bright body
+        example[example == 0] = 200.0
+        version = registry.log_segmenter(
+            segmenter.model, pyfunc_model=CovsegModel(),
+            artifacts={SEGMENTER_PT: str(weights), SEGMENTER_META: str(weights.with_suffix(".json"))},
+            input_example=example, registered_name=cfg["name"],
+            tags={**tracking.lineage(params), "eval_dice": f"{candidate['dice']:.4f}"},
+            pip_requirements=registry.default_pip_requirements())
+        champion_score = lambda uri: evaluate_ingested(  # noqa: E731
+            LesionSegmenter.load(uri), ingest_dir, params.get("max_eval_slices", 0))["dice"]
+        decision = registry.promote(
+            mlflow.MlflowClient(), cfg["name"], version.version, candidate["dice"],
+            score_fn_for_champion=champion_score, margin=cfg["margin"], floors=cfg["floors"],
+            candidate_metrics={k: candidate[k] for k in ("dice", "iou", "ppv", "sensitivity", "specificity")})
+        mlflow.set_tags({"promotion_decision": decision["decision"], "model_version": version.version})
+    return {"version": version.version, "candidate": candidate, "decision": decision}

@@ -99,7 +99,8 @@ def fit(model: nn.Module, epochs: int, run_epoch: Callable[[int], dict[str, floa
         optimizer: torch.optim.Optimizer, checkpoint: Path, desc: str) -> list[dict[str, Any]]:
     """Run `run_epoch(epoch)` for each epoch, checkpointing model + optimizer + history after each one.
 
-    If `checkpoint` exists (a killed run), training resumes after its last finished epoch.
+    If `checkpoint` exists (a killed run), training resumes after its last finished epoch; it is removed
+    once training completes. Name it with `checkpoint_path` so a changed configuration never resumes.
     """
     history: list[dict[str, Any]] = []
     start = 0
@@ -119,7 +120,17 @@ def fit(model: nn.Module, epochs: int, run_epoch: Callable[[int], dict[str, floa
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "history": json.dumps(history)}, tmp)
         tmp.replace(checkpoint)
+    checkpoint.unlink(missing_ok=True)
     return history
+
+
+def checkpoint_path(folder: str | Path, name: str, config: dict[str, Any]) -> Path:
+    """`folder/<name>-<hash of config>.ckpt`: a checkpoint only resumes the run configured the same way."""
+    from covseg.config import params_hash
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{name}-{params_hash(config)}.ckpt"
 
 
 def save_model(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
@@ -132,3 +143,9 @@ def load_state(model: nn.Module, path: Path) -> nn.Module:
     """Load weights saved by `save_model` (weights_only: no pickled code is executed)."""
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
+
+
+def run_key(params: dict[str, Any]) -> dict[str, Any]:
+    """What besides a stage's own settings decides its training run (part of the checkpoint name)."""
+    return {"seed": params["seed"], "profile": params["profile"], "image_size": params["image_size"],
+            "max_slices_per_volume": params.get("max_slices_per_volume", 0)}
