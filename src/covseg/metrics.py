@@ -16,14 +16,20 @@ METRICS = {"dice": "f1 score", "iou": "threat score", "ppv": "precision",
 
 
 def slice_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Metrics of one binary prediction against one binary truth (NaN where undefined, e.g. 0/0)."""
+    """Metrics of one binary prediction against one binary truth.
+
+    A ratio that is 0/0 (e.g. PPV of an empty prediction) counts 1.0 when prediction and truth are both
+    empty (nothing to find, nothing found) and 0.0 otherwise, so empty predictions are penalised, not skipped.
+    """
     from monai.metrics import compute_confusion_matrix_metric, get_confusion_matrix
 
     if pred.shape != truth.shape:
         raise ValueError(f"prediction {pred.shape} and mask {truth.shape} differ in shape")
     as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).reshape(1, 1, -1)  # noqa: E731
     matrix = get_confusion_matrix(as_tensor(pred), as_tensor(truth), include_background=True)
-    return {key: float(compute_confusion_matrix_metric(name, matrix).item()) for key, name in METRICS.items()}
+    both_empty = not pred.any() and not truth.any()
+    values = {key: float(compute_confusion_matrix_metric(name, matrix).item()) for key, name in METRICS.items()}
+    return {key: (1.0 if both_empty else 0.0) if np.isnan(v) else v for key, v in values.items()}
 
 
 def adaptive_threshold(prob: np.ndarray) -> float:
@@ -37,6 +43,6 @@ def summarise(probs: Sequence[np.ndarray], truths: Sequence[np.ndarray]) -> dict
     adaptive = [slice_metrics(p >= adaptive_threshold(p), t) for p, t in zip(probs, truths, strict=True)]
 
     def mean(rows: list[dict[str, float]]) -> dict[str, float]:
-        return {k: float(np.nanmean([r[k] for r in rows])) if rows else float("nan") for k in METRICS}
+        return {k: float(np.mean([r[k] for r in rows])) if rows else float("nan") for k in METRICS}
 
     return {**mean(fixed), "n_slices": len(fixed), "adaptive": {**mean(adaptive), "n_slices": len(adaptive)}}

@@ -130,6 +130,12 @@ def gate_b(mil_dir: str | Path, report: str | Path, params: dict[str, Any]) -> d
     return gates.run_gate("gate_b", tables, gates.label_gate_checks(params["gate_b"]), report)
 
 
+def _version(dist: str) -> str:
+    from importlib.metadata import version
+
+    return version(dist)
+
+
 def register(ingest_dir: str | Path, segment_dir: str | Path, params: dict[str, Any]) -> dict:
     """Log the segmenter as the MLflow pyfunc model `covseg`, register a version, promote or not.
 
@@ -144,7 +150,7 @@ def register(ingest_dir: str | Path, segment_dir: str | Path, params: dict[str, 
     from covseg.evaluate import evaluate_ingested
     from covseg.predict import LesionSegmenter
     from covseg.segment import MODEL
-    from covseg.serving import SEGMENTER_META, SEGMENTER_PT, CovsegModel
+    from covseg.serving import SEGMENTER_META, SEGMENTER_PT, CovsegModel, signature
 
     cfg = params["register"]
     if not tracking.enabled():
@@ -160,9 +166,11 @@ def register(ingest_dir: str | Path, segment_dir: str | Path, params: dict[str, 
         version = registry.log_segmenter(
             segmenter.model, pyfunc_model=CovsegModel(),
             artifacts={SEGMENTER_PT: str(weights), SEGMENTER_META: str(weights.with_suffix(".json"))},
-            input_example=example, registered_name=cfg["name"],
+            input_example=example, signature=signature(), registered_name=cfg["name"],
             tags={**tracking.lineage(params), "eval_dice": f"{candidate['dice']:.4f}"},
-            pip_requirements=registry.default_pip_requirements())
+            pip_requirements=[*registry.default_pip_requirements(), f"monai=={_version('monai')}",
+                              f"SimpleITK=={_version('SimpleITK')}"],
+            code_paths=[str(Path(__file__).parent)])
         champion_score = lambda uri: evaluate_ingested(  # noqa: E731
             LesionSegmenter.load(uri), ingest_dir, params.get("max_eval_slices", 0))["dice"]
         decision = registry.promote(

@@ -1,0 +1,78 @@
+"""The method chain on real slices (tiny profile): every stage's output is sane, and weak supervision holds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from covseg.harmonise import INDEX, SLICES
+
+
+def test_chain_produces_table1_rows(trained_tiny) -> None:
+    table = json.loads((trained_tiny.stage("evaluate") / "metrics.json").read_text())
+    for row in ("coarse", "fine", "final"):
+        for key in ("dice", "iou", "ppv", "sensitivity", "specificity"):
+            assert 0.0 <= table[row][key] <= 1.0, (row, key)
+            assert 0.0 <= table[row]["adaptive"][key] <= 1.0
+        assert table[row]["n_slices"] == 2
+    assert (trained_tiny.stage("evaluate") / "panel.png").stat().st_size > 10_000
+
+
+def test_labels_stay_inside_lungs_and_on_positive_slices(trained_tiny) -> None:
+    lungs = np.load(trained_tiny.stage("lungs") / SLICES)["lung"]
+    index = pd.read_parquet(trained_tiny.stage("lungs") / INDEX)
+    fine = np.load(trained_tiny.stage("mil") / "fine.npz")
+    coarse = np.load(trained_tiny.stage("coarse") / "coarse.npz")["coarse"]
+    assert not (coarse & ~lungs).any() and not (fine["fine"] & ~lungs).any()
+    negatives = index[index["label"] == 0]["row"].to_numpy()
+    assert len(negatives) > 0
+    assert not coarse[negatives].any() and not fine["fine"][negatives].any()
+
+
+def test_masks_never_reach_training(trained_tiny, monkeypatch) -> None:
+    """Weak supervision: the training stages must run with every evaluation mask unreadable."""
+    from covseg import stages
+
+    ingest = trained_tiny.stage("ingest")
+    manifest = pd.read_parquet(ingest / "manifest.parquet")
+    masks = [ingest / f for f in manifest["mask_file"] if f]
+    assert masks
+    for mask in masks:  # poison every mask: any read of one now fails loudly
+        mask.rename(mask.with_suffix(".hidden"))
+    try:
+        out, params = trained_tiny.artifacts / "no-masks", trained_tiny.params
+        monkeypatch.setenv("COVSEG_TRACKING", "0")
+        stages.lungs(ingest, out / "lungs", params)
+        stages.classify(out / "lungs", out / "classify", params, out / "ckpt")
+        stages.coarse(out / "lungs", out / "classify", out / "coarse", params)
+        stages.mil(out / "lungs", out / "classify", out / "coarse", out / "mil", params, out / "ckpt")
+        stages.segment(out / "lungs", out / "mil", out / "segment", params, out / "ckpt")
+        # same seed, same data, no masks -> the very same pseudo labels as the run that had masks on disk
+        same = np.load(out / "mil" / "fine.npz")["fine"]
+        assert np.array_equal(same, np.load(trained_tiny.stage("mil") / "fine.npz")["fine"])
+    finally:
+        for mask in masks:
+            mask.with_suffix(".hidden").rename(mask)
+
+
+def test_splits_are_by_volume_and_eval_is_never_trained_on(trained_tiny) -> None:
+    index = pd.read_parquet(trained_tiny.stage("lungs") / INDEX)
+    assert index.groupby("volume_id")["split"].nunique().max() == 1
+    assert (index[index["split"] == "eval"]["label"] == -1).all()
+    assert set(index[index["role"] == "eval"]["split"]) == {"eval"}
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_curriculum_grows_from_easy_to_all(epochs: int) -> None:
+    from covseg.mil import curriculum
+
+    difficulty = np.array([0.9, 0.1, 0.5, 0.3, 0.7, 0.2])
+    labels = np.array([1, 1, 1, 0, 0, 0])
+    first = curriculum(difficulty, labels, 0, epochs, start=0.4)
+    last = curriculum(difficulty, labels, epochs - 1, epochs, start=0.4)
+    assert len(last) == 6
+    if epochs > 1:
+        assert set(first) == {1, 5}  # the easiest positive and the easiest negative
