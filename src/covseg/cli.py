@@ -274,6 +274,28 @@ def run(profile: str | None, from_stage: str) -> None:
         ctx.invoke(command, profile=profile)
 
 
+@main.group()
+def schedule() -> None:
+    """Recurring retraining on a Kubeflow Pipelines endpoint."""
+
+
+@schedule.command("create")
+@click.option("--cron", required=True, help="Cron expression, 5 fields (or KFP's 6 with seconds).")
+@click.option("--endpoint", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
+@click.option("--package", default="pipelines/training.yaml", show_default=True, help="Compiled pipeline.")
+@click.option("--experiment", default="covseg", show_default=True)
+@click.option("--name", default="covseg-retrain", show_default=True)
+@click.option("--param", "params", multiple=True, help="Pipeline parameter KEY=VALUE (repeatable).")
+def schedule_create(cron: str, endpoint: str, package: str, experiment: str, name: str,
+                    params: tuple[str, ...]) -> None:
+    """Create a recurring run (max concurrency 1, no catch-up) of the compiled pipeline."""
+    from covseg.schedule import create_schedule
+
+    values = dict(p.split("=", 1) for p in params)
+    run_id = create_schedule(endpoint, cron, package, experiment, name, values or None)
+    click.echo(f"recurring run {run_id} created: {name} ({cron}) on {endpoint}")
+
+
 @main.command("params")
 @profile_option
 def show_params(profile: str | None) -> None:
