@@ -296,6 +296,45 @@ def schedule_create(cron: str, endpoint: str, package: str, experiment: str, nam
     click.echo(f"recurring run {run_id} created: {name} ({cron}) on {endpoint}")
 
 
+@main.group(invoke_without_command=True)
+@click.option("--name", default="covseg", show_default=True, help="Registered model name.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.pass_context
+@_friendly_errors
+def audit(ctx: click.Context, name: str, fmt: str) -> None:
+    """Every registered version with its data version (data.dvc md5, commit), params, Dice and aliases."""
+    ctx.ensure_object(dict).update(name=name, fmt=fmt)
+    if ctx.invoked_subcommand is not None:
+        return
+    import mlflow
+
+    from covseg.audit import audit_versions, format_audit
+    from covseg.tracking import configure
+
+    configure()
+    rows = audit_versions(mlflow.MlflowClient(), name)
+    click.echo(json.dumps(rows, indent=2) if fmt == "json" else format_audit(rows))
+
+
+@audit.command("diff")
+@click.argument("v1")
+@click.argument("v2")
+@click.option("--repo", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="git + DVC repository the versions were trained from. Default: this repo.")
+@click.pass_context
+@_friendly_errors
+def audit_diff_cmd(ctx: click.Context, v1: str, v2: str, repo: Path | None) -> None:
+    """Data files added/deleted/modified/renamed between the data of versions V1 and V2 (number or alias)."""
+    import mlflow
+
+    from covseg.audit import audit_diff, format_diff
+    from covseg.tracking import configure
+
+    configure()
+    diff = audit_diff(mlflow.MlflowClient(), v1, v2, repo=repo or repo_root(), name=ctx.obj["name"])
+    click.echo(json.dumps(diff, indent=2) if ctx.obj["fmt"] == "json" else format_diff(diff))
+
+
 @main.command("params")
 @profile_option
 def show_params(profile: str | None) -> None:
