@@ -275,6 +275,47 @@ def run(profile: str | None, from_stage: str) -> None:
 
 
 @main.group()
+def pipeline() -> None:
+    """The Kubeflow pipeline: compile it, or run it locally through kfp.local."""
+
+
+@pipeline.command("compile")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: pipelines/training.yaml")
+@profile_option
+def pipeline_compile(out: Path | None, profile: str | None) -> None:
+    """Compile pipelines/training.py (the profile's parameters become the default params_json)."""
+    from covseg.pipeline import compile_pipeline
+
+    click.echo(f"compiled {compile_pipeline(out, profile or 'quick')}")
+
+
+@pipeline.command("run")
+@click.option("--local", is_flag=True, required=True, help="Run with kfp.local.SubprocessRunner (no cluster).")
+@profile_option
+@click.option("--data", "data_path", default=None, help="Data folder or s3:// DVC remote (default: data/).")
+@click.option("--data-version", default="", help="data.dvc md5 to fetch from an s3:// DVC remote.")
+@click.option("--pipeline-root", type=click.Path(path_type=Path), default=None)
+@click.option("--mlflow-uri", default=None, help="Tracking URI (default: $MLFLOW_TRACKING_URI or mlflow.db).")
+def pipeline_run(local: bool, profile: str | None, data_path: str | None, data_version: str,
+                 pipeline_root: Path | None, mlflow_uri: str | None) -> None:
+    """Run the same pipeline the cluster runs, task by task in local subprocesses."""
+    import re
+
+    from covseg.pipeline import run_local
+
+    try:
+        result = run_local(profile or "tiny", data_path, pipeline_root, data_version=data_version,
+                           mlflow_tracking_uri=mlflow_uri)
+    except RuntimeError as exc:
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
+        click.echo(f"error: pipeline failed: {plain[-1] if plain else exc}", err=True)
+        sys.exit(1)
+    rows = {k: v for k, v in result["evaluation"].items() if k in ("coarse", "fine", "final")}
+    click.echo(_table(rows))
+    click.echo(f"model version {result['model_version'] or '-'}: {result['decision']}")
+
+
+@main.group()
 def schedule() -> None:
     """Recurring retraining on a Kubeflow Pipelines endpoint."""
 

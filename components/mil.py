@@ -1,0 +1,36 @@
+"""MIL component: multiple-instance refinement of the coarse labels into fine labels."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components.settings import BASE_IMAGE, log_numbers, use_tracking
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False, additional_funcs=[log_numbers, use_tracking])
+def mil(slices: Input[Dataset], classifier: Input[Model], coarse_labels: Input[Dataset], params_json: str,
+        mlflow_tracking_uri: str, data_version: str, fine_labels: Output[Dataset],
+        metrics: Output[Metrics]) -> None:
+    """Trains the MIL network (5x5 patch instances, easy -> hard bags) and writes the fine labels.
+
+    Binds `covseg.stages.mil`. Epoch checkpoints go to a temporary folder that lives as long as the task.
+
+    Args:
+        data_version: The run's data version (DVC md5), a lineage tag of the MLflow run.
+        slices: The lungs output.
+        classifier: The classify output (its encoder initialises the MIL network).
+        coarse_labels: The coarse output.
+        params_json: The merged parameter profile as JSON.
+        mlflow_tracking_uri: MLflow server for the stage run; empty turns tracking off.
+        fine_labels: Output folder: ``fine.npz``, ``fine.parquet``, ``metrics.json``.
+        metrics: The MIL quality numbers (validation bag and negative-instance accuracy).
+    """
+    import json
+    import tempfile
+
+    from covseg import stages
+
+    use_tracking(mlflow_tracking_uri, data_version)
+    with tempfile.TemporaryDirectory(prefix="covseg-ckpt-") as checkpoints:
+        result = stages.mil(slices.path, classifier.path, coarse_labels.path, fine_labels.path,
+                            json.loads(params_json), checkpoints)
+    log_numbers(metrics, result["quality"])

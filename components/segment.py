@@ -1,0 +1,36 @@
+"""Segment component: the supervised U-Net trained on the fine (pseudo) labels."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components.settings import BASE_IMAGE, use_tracking
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False, additional_funcs=[use_tracking])
+def segment(slices: Input[Dataset], fine_labels: Input[Dataset], params_json: str, mlflow_tracking_uri: str,
+            data_version: str, segmenter: Output[Model], metrics: Output[Metrics]) -> None:
+    """Trains the U-Net on the lung-masked slices and their fine labels.
+
+    Binds `covseg.stages.segment`. Epoch checkpoints go to a temporary folder that lives as long as the task.
+
+    Args:
+        slices: The lungs output.
+        fine_labels: The MIL output.
+        params_json: The merged parameter profile as JSON.
+        mlflow_tracking_uri: MLflow server for the stage run; empty turns tracking off.
+        data_version: The run's data version (DVC md5), a lineage tag of the MLflow run.
+        segmenter: Output folder: ``segmenter.pt`` (+ its JSON metadata) and ``metrics.json``.
+        metrics: Training size and the last epoch's loss.
+    """
+    import json
+    import tempfile
+
+    from covseg import stages
+
+    use_tracking(mlflow_tracking_uri, data_version)
+    with tempfile.TemporaryDirectory(prefix="covseg-ckpt-") as checkpoints:
+        result = stages.segment(slices.path, fine_labels.path, segmenter.path, json.loads(params_json),
+                                checkpoints)
+    metrics.log_metric("n_train", result["n_train"])
+    if result["history"]:
+        metrics.log_metric("last_loss", float(result["history"][-1]["loss"]))

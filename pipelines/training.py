@@ -1,0 +1,166 @@
+"""The covseg training pipeline (KFP v2): ingest -> gate 0 -> lungs -> classify -> coarse -> gate A -> MIL ->
+gate B -> segment -> evaluate -> register, one component per stage (``components/``).
+
+Placement comes from ``infra/gpu_pool.json`` through `covseg.schedule.gpu_pool` (the file Terraform builds
+the GPU node pool from): the GPU tasks (classify, coarse, mil, segment) request one accelerator of its
+resource, select its node label and tolerate its taint, and run the CUDA image. Every task requests and
+limits CPU and memory. kfp.local ignores placement, so the same graph also runs on one machine
+(`covseg.pipeline.run_local`).
+
+Compile with ``covseg pipeline compile`` (`covseg.pipeline.compile_pipeline`), not by hand: the committed
+``training.yaml`` is a golden file that the tests recompile and compare.
+"""
+
+import json
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+from kfp import dsl, kubernetes
+from kfp.dsl import Dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `kfp dsl compile --py pipelines/training.py` puts only pipelines/ on the path
+    sys.path.insert(0, str(ROOT))
+
+from components.classify import classify  # noqa: E402
+from components.coarse import coarse  # noqa: E402
+from components.evaluate import evaluate  # noqa: E402
+from components.gate0 import gate0  # noqa: E402
+from components.gate_a import gate_a  # noqa: E402
+from components.gate_b import gate_b  # noqa: E402
+from components.ingest import ingest  # noqa: E402
+from components.lungs import lungs  # noqa: E402
+from components.mil import mil  # noqa: E402
+from components.register import register  # noqa: E402
+from components.segment import segment  # noqa: E402
+from components.settings import GPU_IMAGE, MLFLOW_TRACKING_URI  # noqa: E402
+from covseg.config import load_params  # noqa: E402
+from covseg.schedule import gpu_pool  # noqa: E402
+
+PIPELINE_NAME = "covseg-training"
+DEFAULT_PROFILE = "quick"
+
+# (cpu request, cpu limit, memory request, memory limit) per task.
+RESOURCES = {
+    "ingest": ("1", "2", "4Gi", "8Gi"),
+    "gate0": ("500m", "1", "2Gi", "4Gi"),
+    "lungs": ("2", "4", "4Gi", "8Gi"),
+    "classify": ("4", "8", "16Gi", "32Gi"),
+    "coarse": ("2", "4", "8Gi", "16Gi"),
+    "gate-a": ("500m", "1", "2Gi", "4Gi"),
+    "mil": ("4", "8", "16Gi", "32Gi"),
+    "gate-b": ("500m", "1", "2Gi", "4Gi"),
+    "segment": ("4", "8", "16Gi", "32Gi"),
+    "evaluate": ("2", "4", "4Gi", "8Gi"),
+    "register": ("1", "2", "4Gi", "8Gi"),
+}
+GPU_TASKS = ("classify", "coarse", "mil", "segment")
+TRACKED_TASKS = ("classify", "mil", "segment", "evaluate", "register")
+RETRIES = 2
+"""Retries of the steps that talk to outside services (ingest: S3; register: the MLflow server)."""
+
+S3_SECRET = "covseg-s3"
+"""Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for the DVC remote (infra/secrets.example.env)."""
+
+
+class TrainingOutputs(NamedTuple):
+    """What a run returns."""
+
+    evaluation: Dataset
+    model_version: str
+    decision: str
+
+
+def params_to_json(params: dict) -> str:
+    """The canonical JSON of a parameter set (sorted keys): what `params_json` carries."""
+    return json.dumps(params, sort_keys=True)
+
+
+DEFAULT_PARAMS_JSON = params_to_json(load_params(DEFAULT_PROFILE, path=ROOT / "params.yaml"))
+
+
+def _configure(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
+    """Name, resources, caching, retries, GPU placement and tracking wiring of one task."""
+    cpu_request, cpu_limit, memory_request, memory_limit = RESOURCES[name]
+    task.set_display_name(name)
+    task.set_cpu_request(cpu_request).set_cpu_limit(cpu_limit)
+    task.set_memory_request(memory_request).set_memory_limit(memory_limit)
+    # register reads and changes the model registry (the current champion): a cached decision would be stale.
+    task.set_caching_options(enable_caching=name != "register")
+    if name in ("ingest", "register"):
+        task.set_retry(num_retries=RETRIES, backoff_duration="15s", backoff_factor=2.0)
+    if name in GPU_TASKS:
+        pool = gpu_pool()
+        task.set_container_image(GPU_IMAGE)
+        task.set_accelerator_type(pool["accelerator_resource"]).set_accelerator_limit(1)
+        kubernetes.add_node_selector(task, label_key=pool["node_selector"]["key"],
+                                     label_value=pool["node_selector"]["value"])
+        kubernetes.add_toleration(task, key=pool["toleration"]["key"], operator="Equal",
+                                  value=pool["toleration"]["value"], effect=pool["toleration"]["effect"])
+    if name in TRACKED_TASKS:
+        # The KFP API server labels every pod of a run with its run id: it tags the stage's MLflow run.
+        kubernetes.use_field_path_as_env(task, env_name="COVSEG_PIPELINE_RUN_ID",
+                                         field_path="metadata.labels['pipeline/runid']")
+    if name == "ingest":
+        kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={
+            "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"},
+            optional=True)
+    return task
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="Weakly-supervised COVID-19 CT lesion segmentation: train, "
+              "gate, evaluate and register the segmenter from slice-level labels.")
+def training_pipeline(
+    params_json: str = DEFAULT_PARAMS_JSON,
+    data_path: str = "data",
+    data_version: str = "",
+    s3_endpoint_url: str = "",
+    mlflow_tracking_uri: str = MLFLOW_TRACKING_URI,
+) -> TrainingOutputs:
+    """Trains, gates, evaluates and registers the covseg segmenter.
+
+    Args:
+        params_json: The merged parameter profile (``covseg params --profile NAME``) as JSON; defaults to the
+            profile the pipeline was compiled with.
+        data_path: Raw sources: a folder, an ``s3://`` prefix with the same layout, or (with `data_version`)
+            the project's DVC remote, e.g. ``s3://covseg-dvc``.
+        data_version: DVC md5 of the data (``data.dvc``); with an s3:// `data_path` that version is fetched
+            and verified. Part of the ingest cache key: a new version re-runs everything downstream.
+        s3_endpoint_url: S3 endpoint for `data_path` (MinIO in dev); empty for AWS S3.
+        mlflow_tracking_uri: MLflow server of the stage runs and the model registry; empty runs without
+            tracking and skips registering.
+
+    Returns:
+        evaluation: The evaluate output (``metrics.json``: Table-1 rows coarse / fine / final, ``panel.png``).
+        model_version: The registered model version (empty when registering was skipped).
+        decision: Its promotion decision: ``champion``, ``challenger`` or ``skipped``.
+    """
+    tracking = {"mlflow_tracking_uri": mlflow_tracking_uri, "data_version": data_version}
+    ingest_task = _configure(ingest(data_path=data_path, data_version=data_version,
+                                    s3_endpoint_url=s3_endpoint_url, params_json=params_json), "ingest")
+    ingested = ingest_task.outputs["ingested"]
+    gate0_task = _configure(gate0(ingested=ingested, params_json=params_json), "gate0")
+    lungs_task = _configure(lungs(ingested=ingested, params_json=params_json), "lungs").after(gate0_task)
+    slices = lungs_task.outputs["slices"]
+    classify_task = _configure(classify(slices=slices, params_json=params_json, **tracking), "classify")
+    classifier = classify_task.outputs["classifier"]
+    coarse_task = _configure(coarse(slices=slices, classifier=classifier, params_json=params_json), "coarse")
+    coarse_labels = coarse_task.outputs["coarse_labels"]
+    gate_a_task = _configure(gate_a(classifier=classifier, coarse_labels=coarse_labels, params_json=params_json),
+                             "gate-a")
+    mil_task = _configure(mil(slices=slices, classifier=classifier, coarse_labels=coarse_labels,
+                              params_json=params_json, **tracking), "mil").after(gate_a_task)
+    fine_labels = mil_task.outputs["fine_labels"]
+    gate_b_task = _configure(gate_b(fine_labels=fine_labels, params_json=params_json), "gate-b")
+    segment_task = _configure(segment(slices=slices, fine_labels=fine_labels, params_json=params_json, **tracking),
+                              "segment").after(gate_b_task)
+    segmenter = segment_task.outputs["segmenter"]
+    evaluate_task = _configure(evaluate(ingested=ingested, slices=slices, coarse_labels=coarse_labels,
+                                        fine_labels=fine_labels, segmenter=segmenter, params_json=params_json,
+                                        **tracking), "evaluate")
+    register_task = _configure(register(ingested=ingested, segmenter=segmenter, params_json=params_json,
+                                        **tracking), "register").after(evaluate_task)
+    return TrainingOutputs(evaluation=evaluate_task.outputs["evaluation"],
+                           model_version=register_task.outputs["model_version"],
+                           decision=register_task.outputs["decision"])
