@@ -269,9 +269,16 @@ def run(profile: str | None, from_stage: str) -> None:
     names = [c.name for c in order]
     if from_stage not in names:
         raise click.BadParameter(f"choose one of {', '.join(names)}", param_hint="--from-stage")
+    import time
+
+    timings = {}
     for command in order[names.index(from_stage):]:
         click.echo(f"== {command.name}")
+        start = time.perf_counter()
         ctx.invoke(command, profile=profile)
+        timings[command.name] = time.perf_counter() - start
+    click.echo("== wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
+               + f"; total {sum(timings.values()):.0f}")
 
 
 @main.group()

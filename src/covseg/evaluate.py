@@ -16,6 +16,7 @@ import SimpleITK as sitk
 
 from covseg.cam import MAPS as CAM_MAPS
 from covseg.harmonise import from_canonical, geometry_of
+from covseg.ingest import read_manifest
 from covseg.io import SLICE_SUFFIXES, InputError, read_mask, read_slice
 from covseg.metrics import summarise
 from covseg.mil import LABELS as FINE
@@ -108,7 +109,7 @@ def evaluate_ingested(segmenter: Any, ingest_dir: str | Path, max_slices: int = 
     comparison is like for like whatever image size each model was trained at.
     """
     ingest_dir = Path(ingest_dir)
-    manifest = pd.read_parquet(ingest_dir / "manifest.parquet")
+    manifest = read_manifest(ingest_dir)
     rows = manifest[manifest["role"] == "eval"]
     if max_slices > 0:
         rows = rows.head(max_slices)

@@ -144,8 +144,10 @@ def prepare_dataset(ingest_dir: str | Path, out_dir: str | Path, params: dict) -
     """Lung masks + canonical slices for every manifest row -> `slices.npz` and `index.parquet`."""
     import SimpleITK as sitk
 
+    from covseg.ingest import read_manifest
+
     ingest_dir, out_dir = Path(ingest_dir), Path(out_dir)
-    manifest = pd.read_parquet(ingest_dir / "manifest.parquet")
+    manifest = read_manifest(ingest_dir)
     manifest = _subsample(manifest, int(params.get("max_slices_per_volume", 0)))
     if params.get("max_eval_slices", 0) > 0:  # speed profiles: the first N evaluation slices only
         is_eval = manifest["role"] == "eval"

@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -82,10 +82,12 @@ def _read_labels(path: Path, index_column: str) -> dict[tuple[str, int], int]:
     with open(path, newline="") as handle:
         for number, row in enumerate(csv.DictReader(handle), start=2):
             try:
-                labels[(row["case"], int(row[index_column]))] = int(row["lesion"])
+                labels[(row["case"], int(row[index_column]))] = lesion = int(row["lesion"])
             except (KeyError, TypeError, ValueError) as exc:
                 raise InputError(path, f"line {number}: needs columns case, {index_column}, lesion "
                                        f"with integer values ({exc})") from exc
+            if lesion not in (0, 1):
+                raise InputError(path, f"line {number}: lesion must be 0 or 1, got {lesion}")
     return labels
 
 
@@ -217,6 +219,18 @@ def ingest(data_dir: str | Path, out_dir: str | Path, params: dict[str, Any]) ->
     frame = pd.DataFrame([asdict(r) for r in rows])
     frame["split"] = assign_splits(frame, params["split"]["val_fraction"], params["split"]["salt"])
     frame.to_parquet(out / MANIFEST, index=False)
+    return frame
+
+
+def read_manifest(ingest_dir: str | Path) -> pd.DataFrame:
+    """The manifest of an ingest folder; refuses file names that leave the folder (absolute or `..`)."""
+    path = Path(ingest_dir) / MANIFEST
+    frame = pd.read_parquet(path)
+    for column in ("file", "mask_file"):
+        for name in frame[column].dropna().unique():
+            pure = PurePosixPath(name)
+            if pure.is_absolute() or ".." in pure.parts or "\\" in name:
+                raise InputError(path, f"{column} {name!r} points outside {path.parent} (path traversal)")
     return frame
 
 

@@ -7,9 +7,11 @@ command can print one clear line and exit non-zero before anything is written.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ TAG_PATIENT_ID = "0010|0020"
 TAG_BIRTH_DATE = "0010|0030"
 TAG_IDENTITY_REMOVED = "0012|0062"
 TAG_INSTANCE_NUMBER = "0020|0013"
+TAG_PIXEL_SPACING = "0028|0030"
 TAG_SERIES_UID = "0020|000e"
 # Identity that a de-identified header must not carry. PatientID is not here: de-identified studies keep a
 # pseudonym in it (COVID-CT-MD does), and a pseudonym cannot be told from an identifier by looking at it.
@@ -96,6 +99,14 @@ def check_dicom_header(path: Path, reader: sitk.ImageFileReader, allow_identifie
                                "PatientIdentityRemoved is not YES; de-identify it first")
 
 
+def check_spacing(path: Path, spacing: list[float]) -> None:
+    """Refuse missing, zero or negative spacing and non-square in-plane pixels (the networks see pixels)."""
+    if len(spacing) < 2 or min(spacing) <= 0:
+        raise InputError(path, f"missing or non-positive pixel spacing {tuple(spacing)}")
+    if abs(spacing[0] - spacing[1]) > 0.01 * max(spacing[0], spacing[1]):
+        raise InputError(path, f"non-square pixels ({spacing[0]:g} x {spacing[1]:g} mm); resample first")
+
+
 def read_dicom_series(folder: str | Path, allow_identified: bool = False) -> DicomSeries:
     """Read one CT series from a folder, sorted by slice position, in HU (int16), oriented LPS."""
     folder = Path(folder)
@@ -109,6 +120,12 @@ def read_dicom_series(folder: str | Path, allow_identified: bool = False) -> Dic
         _require_file(path)
         reader = _dicom_header(path)
         check_dicom_header(path, reader, allow_identified)
+        spacing = _tag(reader, TAG_PIXEL_SPACING)
+        try:
+            values = [float(v) for v in spacing.split("\\")]
+        except ValueError as exc:
+            raise InputError(path, f"missing or unreadable PixelSpacing {spacing!r}") from exc
+        check_spacing(path, values)  # the header's own value: GDCM reads a zero PixelSpacing as 1 mm
         headers[str(path)] = reader
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if len(series_ids) != 1:
@@ -150,19 +167,50 @@ def _check_positions(folder: Path, names: list[str], positions: list[list[float]
                                  f"({steps[gap]:.1f} mm vs {steps.min():.1f} mm): missing slices")
 
 
+def _nifti_bytes(path: Path) -> int:
+    """Size of a NIfTI file after decompression; a truncated gzip stream raises EOFError."""
+    if not path.name.endswith(".gz"):
+        return path.stat().st_size
+    size = 0
+    with gzip.open(path) as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            size += len(block)
+    return size
+
+
+def _nifti_pixdim(path: Path) -> list[float] | None:
+    """pixdim[1..3] as stored in a NIfTI-1 header (ITK reads a zero as 1 mm); None for other headers."""
+    with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as handle:
+        header = handle.read(348)
+    for order in "<>":
+        if len(header) == 348 and struct.unpack_from(f"{order}i", header, 0)[0] == 348:
+            return [abs(v) for v in struct.unpack_from(f"{order}3f", header, 80)]
+    return None
+
+
 def read_volume(path: str | Path) -> sitk.Image:
     """Read a 3-D NIfTI CT volume (HU expected), oriented LPS, refusing NaN, constant or 4-D data."""
     path = Path(path)
     _require_file(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        image = sitk.ReadImage(str(path))
+        image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(path, "not a readable NIfTI volume") from exc
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(path, f"expected a 3-D scalar volume, got {image.GetDimension()}-D with "
                                f"{image.GetNumberOfComponentsPerPixel()} component(s)")
-    if min(image.GetSpacing()) <= 0:
-        raise InputError(path, f"non-positive voxel spacing {image.GetSpacing()}")
+    # ITK zero-fills the voxels missing from a truncated file: compare the bytes with the header's needs.
+    header = {k: float(reader.GetMetaData(k)) for k in ("vox_offset", "bitpix") if reader.HasMetaDataKey(k)}
+    need = int(header.get("vox_offset", 0) + image.GetNumberOfPixels() * header.get("bitpix", 0) // 8)
+    try:
+        have = _nifti_bytes(path)
+    except (OSError, EOFError) as exc:
+        raise InputError(path, f"truncated or corrupt NIfTI ({exc})") from exc
+    if have < need:
+        raise InputError(path, f"truncated NIfTI: {have} bytes, the header needs {need}")
+    check_spacing(path, _nifti_pixdim(path) or list(image.GetSpacing()))
     array = sitk.GetArrayViewFromImage(image)
     if not np.isfinite(array).all():
         raise InputError(path, "volume contains NaN or infinite values")
@@ -181,6 +229,11 @@ def read_slice(path: str | Path) -> np.ndarray:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(path, "not a readable image (corrupt or truncated)") from exc
+    if path.suffix.lower() != ".png":  # libjpeg fills a cut-off JPEG with grey and only warns
+        with open(path, "rb") as handle:
+            handle.seek(max(path.stat().st_size - 2, 0))
+            if handle.read() != b"\xff\xd9":
+                raise InputError(path, "truncated JPEG (no end-of-image marker)")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(path, f"expected a greyscale slice, got {image.GetNumberOfComponentsPerPixel()} "
                                "channels (RGB?)")
@@ -205,6 +258,9 @@ def read_mask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
     array = sitk.GetArrayFromImage(image)
     if array.ndim == 3:  # palette/RGB masks: any non-zero channel marks the lesion
         array = array.max(axis=-1)
+    if 0 < array.max() <= 127:  # a label map ({0,1}, {0,1,2}): binarising at >127 would empty it
+        values = np.unique(array).tolist()[:6]
+        raise InputError(path, f"mask values {values} are a label map, expected {{0,255}}")
     if tuple(array.shape) != tuple(shape):
         raise InputError(path, f"mask shape {tuple(array.shape)} differs from its image {tuple(shape)}")
     return array > 127

@@ -20,6 +20,7 @@ broken by the next promoter. It exists only for the few REST calls of the critic
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -48,7 +49,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 MODEL_ARTIFACT_NAME = "model"  # the logged model's name inside the run
 STATE_DICT_ARTIFACT = "state_dict"  # key in context.artifacts: path of the torch state_dict file
-TORCH_MODULE_ARTIFACT = "torch_module"  # key used by the default wrapper (whole pickled nn.Module)
+TORCH_MODULE_ARTIFACT = "torch_module"  # key used by the default wrapper (JSON: the module's class)
 LINEAGE_KEYS = ("git_commit", "data_md5", "params_hash", "pipeline_run_id")
 LEASE_SUFFIX = ".promotion-lease"
 
@@ -331,18 +332,28 @@ def default_pip_requirements() -> list[str]:
 
 
 def _torch_module_pyfunc() -> mlflow.pyfunc.PythonModel:
-    """Default wrapper when no PythonModel is given: unpickle the whole nn.Module and run forward.
+    """Default wrapper when no PythonModel is given: rebuild the nn.Module from its class and state_dict.
 
     Input: a float32 array shaped like the module's input; output: the module's output as an array.
-    The module's class must be importable where the model is loaded.
+    The module's class must be importable where the model is loaded and take no constructor arguments;
+    weights load with ``weights_only=True`` (no pickled code from the artifact store is executed).
     """
     import mlflow.pyfunc
 
     class TorchModulePyfunc(mlflow.pyfunc.PythonModel):
         def load_context(self, context):
+            import importlib
+            import json
+
             import torch
 
-            self.module = torch.load(context.artifacts[TORCH_MODULE_ARTIFACT], weights_only=False)
+            spec = json.loads(Path(context.artifacts[TORCH_MODULE_ARTIFACT]).read_text())
+            cls: Any = importlib.import_module(spec["module"])
+            for part in spec["qualname"].split("."):
+                cls = getattr(cls, part)
+            self.module = cls()
+            state = torch.load(context.artifacts[STATE_DICT_ARTIFACT], map_location="cpu", weights_only=True)
+            self.module.load_state_dict(state)
             self.module.eval()
 
         def predict(self, context, model_input, params=None):
@@ -401,8 +412,8 @@ def log_segmenter(
 
     Args:
         model: the trained torch module (its ``state_dict`` is stored).
-        pyfunc_model: PythonModel wrapping the predict path; None uses a generic wrapper that pickles the
-            whole module and returns its forward output.
+        pyfunc_model: PythonModel wrapping the predict path; None uses a generic wrapper that rebuilds the
+            module from its class (importable, no constructor arguments) and ``state_dict``.
         artifacts: extra files for the PythonModel, ``{key: local path}`` (key ``state_dict`` is reserved).
         input_example: a representative model input (e.g. float32 array), used for the signature.
         signature: an explicit ModelSignature (e.g. variable image sizes); default: inferred.
@@ -441,8 +452,10 @@ def log_segmenter(
         torch.save(model.state_dict(), all_artifacts[STATE_DICT_ARTIFACT])
         python_model = pyfunc_model
         if python_model is None:
-            all_artifacts[TORCH_MODULE_ARTIFACT] = str(Path(tmp, "module.pt"))
-            torch.save(model, all_artifacts[TORCH_MODULE_ARTIFACT])
+            all_artifacts[TORCH_MODULE_ARTIFACT] = str(Path(tmp, "module.json"))
+            cls = type(model)
+            Path(all_artifacts[TORCH_MODULE_ARTIFACT]).write_text(
+                json.dumps({"module": cls.__module__, "qualname": cls.__qualname__}))
             python_model = _torch_module_pyfunc()
 
         def _log() -> Any:
