@@ -44,6 +44,20 @@ def grad_cam(model: SliceClassifier, x: torch.Tensor, layer: str = "encoder.bloc
     return np.concatenate(maps) if maps else np.zeros((0, *x.shape[-2:]), np.float32)
 
 
+def normalise_in_lung(maps: np.ndarray, lungs: np.ndarray) -> np.ndarray:
+    """Min-max normalise each map over its own lung pixels (zero outside the lungs).
+
+    MONAI normalises over the whole slice, where everything outside the lungs is low, so inside the lungs
+    nearly everything clears a 0.5 threshold; "thresholded inside the lungs" needs the lung's own range.
+    """
+    out = np.zeros_like(maps, dtype=np.float32)
+    for i, (cam, lung) in enumerate(zip(maps, lungs, strict=True)):
+        if lung.any():
+            low, high = cam[lung].min(), cam[lung].max()
+            out[i] = np.where(lung, (cam - low) / max(high - low, 1e-6), 0.0)
+    return out
+
+
 def cam_rows(index: pd.DataFrame) -> pd.DataFrame:
     """Slices that get a CAM: positive train/val slices and every evaluation slice."""
     positive = index["split"].isin(["train", "val"]) & (index["label"] == 1)
@@ -63,7 +77,7 @@ def coarse_labels(lungs_dir: str | Path, classify_dir: str | Path, out_dir: str 
     for start in tqdm(range(0, len(positions), 64), desc="grad-cam", unit="batch"):
         chunk = positions[start:start + 64]
         maps = grad_cam(model, slices.tensor(chunk), cfg["layer"])
-        soft[chunk] = maps * slices.lungs[chunk]
+        soft[chunk] = normalise_in_lung(maps, slices.lungs[chunk])
     coarse = (soft.astype(np.float32) >= cfg["threshold"]) & slices.lungs
     np.savez_compressed(Path(out_dir) / MAPS, cam=soft, coarse=coarse)
     stats = label_stats(slices, coarse, rows)
