@@ -58,6 +58,27 @@ def normalise_in_lung(maps: np.ndarray, lungs: np.ndarray) -> np.ndarray:
     return out
 
 
+def otsu_in_lung(cam: np.ndarray, lung: np.ndarray) -> float:
+    """Otsu's threshold of a map over its lung pixels (SimpleITK), 0.5 when the lung is too small."""
+    import SimpleITK as sitk
+
+    if lung.sum() < 16:
+        return 0.5
+    otsu = sitk.OtsuThresholdImageFilter()
+    otsu.SetNumberOfHistogramBins(64)
+    otsu.Execute(sitk.GetImageFromArray(cam.astype(np.float32)), sitk.GetImageFromArray(lung.astype(np.uint8)))
+    return float(otsu.GetThreshold())
+
+
+def threshold_maps(soft: np.ndarray, lungs: np.ndarray, rows: np.ndarray, threshold: float | str) -> np.ndarray:
+    """Coarse masks: each map above `threshold` (a number, or 'otsu' per slice inside its lung), in the lung."""
+    coarse = np.zeros(soft.shape, dtype=bool)
+    for row in rows:
+        level = otsu_in_lung(soft[row], lungs[row]) if threshold == "otsu" else float(threshold)
+        coarse[row] = (soft[row] >= level) & lungs[row]
+    return coarse
+
+
 def cam_rows(index: pd.DataFrame) -> pd.DataFrame:
     """Slices that get a CAM: positive train/val slices and every evaluation slice."""
     positive = index["split"].isin(["train", "val"]) & (index["label"] == 1)
@@ -78,7 +99,7 @@ def coarse_labels(lungs_dir: str | Path, classify_dir: str | Path, out_dir: str 
         chunk = positions[start:start + 64]
         maps = grad_cam(model, slices.tensor(chunk), cfg["layer"])
         soft[chunk] = normalise_in_lung(maps, slices.lungs[chunk])
-    coarse = (soft.astype(np.float32) >= cfg["threshold"]) & slices.lungs
+    coarse = threshold_maps(soft.astype(np.float32), slices.lungs, positions, cfg["threshold"])
     np.savez_compressed(Path(out_dir) / MAPS, cam=soft, coarse=coarse)
     stats = label_stats(slices, coarse, rows)
     stats["classifier_p"] = predict_proba(model, slices, positions)

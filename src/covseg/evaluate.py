@@ -41,21 +41,25 @@ def evaluate_pipeline(ingest_dir: str | Path, lungs_dir: str | Path, coarse_dir:
         raise InputError(lungs_dir, "no evaluation slices (a source with role: eval is needed)")
     positions = rows["row"].to_numpy()
     truths = [_read_mask(ingest_dir, row) for _, row in rows.iterrows()]
-    cam = np.load(Path(coarse_dir) / CAM_MAPS)["cam"][positions].astype(np.float32)
-    fine = np.load(Path(mil_dir) / FINE)["fine_soft"][positions].astype(np.float32)
+    coarse_npz = np.load(Path(coarse_dir) / CAM_MAPS)
+    cam = coarse_npz["cam"][positions].astype(np.float32)
+    # coarse and fine rows score the labels themselves (binary), so both thresholds give the same row
+    coarse = coarse_npz["coarse"][positions].astype(np.float32)
+    fine = np.load(Path(mil_dir) / FINE)["fine"][positions].astype(np.float32)
     model, _ = load_segmenter(segment_dir)
     final = segment_canonical(model, slices.images[positions], slices.lungs[positions])
     geos = [geometry_of(row) for _, row in rows.iterrows()]
     table = {}
-    for name, maps in (("coarse", cam), ("fine", fine), ("final", final)):
+    for name, maps in (("coarse", coarse), ("fine", fine), ("final", final)):
         table[name] = summarise([from_canonical(m, g) for m, g in zip(maps, geos, strict=True)], truths)
     table["cam_inside_vs_outside"] = cam_contrast(cam, slices.lungs[positions], truths, geos)
     if figure:
-        _panel(figure, slices.images[positions], cam, fine, final, truths, geos, rows["case_id"].tolist())
+        _panel(figure, slices.images[positions], cam, coarse, fine, final, truths, geos, rows["case_id"].tolist())
     return table
 
 
-def _panel(path: str | Path, images: np.ndarray, cam: np.ndarray, fine: np.ndarray, final: np.ndarray,
+def _panel(path: str | Path, images: np.ndarray, cam: np.ndarray, coarse: np.ndarray, fine: np.ndarray,
+           final: np.ndarray,
            truths: list[np.ndarray], geos: list, names: list[str], n: int = 4) -> None:
     from covseg import report
     from covseg.harmonise import to_canonical
@@ -63,7 +67,7 @@ def _panel(path: str | Path, images: np.ndarray, cam: np.ndarray, fine: np.ndarr
     pick = np.linspace(0, len(images) - 1, min(n, len(images))).round().astype(int)
     truth_c = np.stack([to_canonical(truths[i].astype(np.float32), geos[i], mode="nearest") for i in pick])
     figure = report.method_panel(images[pick], {
-        "Grad-CAM": cam[pick], "coarse": (cam[pick] >= 0.5).astype(float), "fine": (fine[pick] >= 0.5).astype(float),
+        "Grad-CAM": cam[pick], "coarse": coarse[pick], "fine": fine[pick],
         "final": (final[pick] >= 0.5).astype(float), "ground truth": truth_c}, [names[i][-14:] for i in pick])
     report.save(figure, path)
 
