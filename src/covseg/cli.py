@@ -281,6 +281,29 @@ def run(profile: str | None, from_stage: str) -> None:
                + f"; total {sum(timings.values()):.0f}")
 
 
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("--model", required=True,
+              help="Model folder (segmenter.pt + .json) or MLflow URI, e.g. models:/covseg@champion")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Output folder (replaced if it holds an earlier prediction).")
+@click.option("--rotate", default=0, show_default=True,
+              help="2-D slices only: np.rot90 k bringing the slice to the radiological view (medseg-100: -1).")
+@click.option("--batch-size", default=32, show_default=True, help="Slices per batch.")
+@click.option("--threshold", default=0.5, show_default=True, help="Lesion probability threshold.")
+@click.option("--allow-identified", is_flag=True, help="Accept DICOM headers that still carry patient identity.")
+@_friendly_errors
+def predict(input_path: Path, model: str, out_dir: Path, rotate: int, batch_size: int, threshold: float,
+            allow_identified: bool) -> None:
+    """Segment a DICOM series folder, a NIfTI volume or a PNG/JPEG slice: masks, report.json, overlay.png."""
+    from covseg.predict import format_summary, predict_study
+
+    report = predict_study(input_path, model, out_dir, batch_size=batch_size, rotate=rotate,
+                           threshold=threshold, allow_identified=allow_identified)
+    click.echo(format_summary(report))
+    click.echo(f"outputs in {out_dir}")
+
+
 @main.group()
 def pipeline() -> None:
     """The Kubeflow pipeline: compile it, or run it locally through kfp.local."""

@@ -1,0 +1,293 @@
+"""`covseg predict` (covseg.predict.predict_study) on real studies with the session's tiny trained model.
+
+A real COVID-CT-MD series (6 consecutive kept files of P001), NIfTI volumes written from it (LPS and RAS
+on disk), and a real medseg-100 JPEG: masks on the input's grid, a report whose numbers follow from the
+masks, bad input refused before anything is written, and the MLflow pyfunc giving the same mask.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from helpers import MEDSEG, copy_file, series_files
+
+from covseg.io import InputError, read_dicom_series, read_slice
+from covseg.predict import (
+    LEFT,
+    LESION_NII,
+    LESION_PNG,
+    LUNG_NII,
+    LUNG_PNG,
+    OVERLAY,
+    REPORT,
+    RIGHT,
+    LesionSegmenter,
+    predict_study,
+)
+
+FIRST_INSTANCE, N_FILES = 25, 6
+MEDSEG_STEM, MEDSEG_ROTATE = "medseg_000", -1
+
+
+def _geometry(image: sitk.Image) -> tuple:
+    return image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection()
+
+
+def _assert_same_geometry(mask: sitk.Image, reference: sitk.Image) -> None:
+    assert mask.GetSize() == reference.GetSize()
+    for got, want in zip(_geometry(mask)[1:], _geometry(reference)[1:], strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def _array(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+@pytest.fixture(scope="module")
+def model_dir(trained_tiny) -> Path:
+    return trained_tiny.stage("segment")
+
+
+@pytest.fixture(scope="module")
+def segmenter(model_dir: Path) -> LesionSegmenter:
+    return LesionSegmenter.load(model_dir)
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("series") / "P001"
+    for src in series_files("P001", FIRST_INSTANCE, N_FILES):
+        copy_file(src, folder / src.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def jpeg(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_file(MEDSEG / "images" / f"{MEDSEG_STEM}.jpg", tmp_path_factory.mktemp("slice") / f"{MEDSEG_STEM}.jpg")
+
+
+@pytest.fixture(scope="module")
+def dicom_run(series: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("predict") / "P001-out"
+    report = predict_study(series, model_dir, out, batch_size=4)  # 6 slices: two batches
+    return out, report
+
+
+def test_dicom_outputs_on_the_series_grid(dicom_run: tuple[Path, dict], series: Path, model_dir: Path) -> None:
+    out, report = dicom_run
+    assert sorted(p.name for p in out.iterdir()) == sorted([LESION_NII, LUNG_NII, REPORT, OVERLAY])
+    assert json.loads((out / REPORT).read_text()) == report
+    image = read_dicom_series(series).image  # the LPS-oriented series
+    lesion_img, lung_img = sitk.ReadImage(str(out / LESION_NII)), sitk.ReadImage(str(out / LUNG_NII))
+    for mask in (lesion_img, lung_img):
+        _assert_same_geometry(mask, image)
+    lesion, lung = sitk.GetArrayFromImage(lesion_img), sitk.GetArrayFromImage(lung_img)
+    assert set(np.unique(lesion)) <= {0, 1} and set(np.unique(lung)) == {0, RIGHT, LEFT}
+    assert lesion.any(), "the tiny model finds lesion on these COVID slices"
+    assert not (lesion.astype(bool) & (lung == 0)).any(), "lesion outside the lung mask"
+    assert report["n_slices"] == N_FILES == lesion.shape[0]
+    assert report["input"]["kind"] == "dicom" and report["input"]["size"] == list(image.GetSize())
+    assert sorted(report["input"]["instance_numbers"]) == list(range(FIRST_INSTANCE, FIRST_INSTANCE + 2 * N_FILES, 2))
+    assert sitk.ReadImage(str(out / OVERLAY)).GetSize()[0] > 300
+
+
+def test_dicom_report_follows_from_the_masks(dicom_run: tuple[Path, dict], series: Path, model_dir: Path) -> None:
+    out, report = dicom_run
+    lesion, lung = _array(out / LESION_NII).astype(bool), _array(out / LUNG_NII)
+    voxel_ml = float(np.prod(read_dicom_series(series).image.GetSpacing())) / 1000.0
+    assert report["voxel_ml"] == pytest.approx(voxel_ml, rel=1e-9)
+    sides = {"right": lung == RIGHT, "left": lung == LEFT, "both": lung > 0}
+    for side, region in sides.items():
+        n_lesion, n_lung = int((lesion & region).sum()), int(region.sum())
+        assert report["voxels"][side] == {"lesion": n_lesion, "lung": n_lung}
+        assert report["lesion_ml"][side] == pytest.approx(n_lesion * voxel_ml, rel=1e-9)
+        assert report["lung_ml"][side] == pytest.approx(n_lung * voxel_ml, rel=1e-9)
+        assert report["lesion_percent_of_lung"][side] == pytest.approx(100 * n_lesion / n_lung, rel=1e-9)
+    assert report["lesion_ml"]["right"] + report["lesion_ml"]["left"] == pytest.approx(report["lesion_ml"]["both"])
+    assert min(report["lung_ml"]["right"], report["lung_ml"]["left"]) > 0.3 * report["lung_ml"]["both"] / 2
+    # patient's left = high column index in the LPS array (radiological view: right of the image)
+    left_cols, right_cols = np.nonzero(lung == LEFT)[2], np.nonzero(lung == RIGHT)[2]
+    assert left_cols.mean() > right_cols.mean()
+    per_slice = report["per_slice"]
+    assert [s["lesion_voxels"] for s in per_slice] == lesion.reshape(len(lesion), -1).sum(axis=1).tolist()
+    assert sum(s["lung_voxels"] for s in per_slice) == report["voxels"]["both"]["lung"]
+    assert report["overlay_slices"] and all(per_slice[z]["lesion_voxels"] > 0 for z in report["overlay_slices"])
+    model = report["model"]
+    assert model["source"] == "folder" and model["uri"] == str(model_dir.resolve())
+    assert model["version"].startswith("sha256:")
+    assert model["meta"] == json.loads((model_dir / "segmenter.json").read_text())
+    assert {"data_md5", "git_commit"} <= model.keys()
+    assert report["seconds"] >= sum(report["timing_s"].values()) * 0.99 > 0
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "RAS"])
+def test_nifti_mask_in_the_file_geometry(orientation: str, series: Path, dicom_run: tuple[Path, dict],
+                                         segmenter: LesionSegmenter, tmp_path: Path) -> None:
+    """A NIfTI stored in any axis order gets its mask on the file's own grid, with the DICOM run's voxels."""
+    volume = tmp_path / f"P001-{orientation}.nii.gz"
+    sitk.WriteImage(sitk.DICOMOrient(read_dicom_series(series).image, orientation), str(volume))
+    report = predict_study(volume, segmenter, tmp_path / "out")
+    source = sitk.ReadImage(str(volume))
+    for name in (LESION_NII, LUNG_NII):
+        _assert_same_geometry(sitk.ReadImage(str(tmp_path / "out" / name)), source)
+    lesion_lps = sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(tmp_path / "out" / LESION_NII)), "LPS"))
+    dicom_out, dicom_report = dicom_run
+    np.testing.assert_array_equal(lesion_lps, _array(dicom_out / LESION_NII))
+    assert report["input"]["kind"] == "nifti" and report["input"]["file_geometry"]["orientation"] == orientation
+    assert report["voxels"] == dicom_report["voxels"]
+    assert report["lesion_ml"] == pytest.approx(dicom_report["lesion_ml"])
+
+
+def test_jpeg_slice(jpeg: Path, segmenter: LesionSegmenter, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    report = predict_study(jpeg, segmenter, out, rotate=MEDSEG_ROTATE)
+    assert sorted(p.name for p in out.iterdir()) == sorted([LESION_PNG, LUNG_PNG, REPORT, OVERLAY])
+    image = read_slice(jpeg)
+    lesion, lung = _array(out / LESION_PNG), _array(out / LUNG_PNG)
+    assert lesion.shape == lung.shape == image.shape  # the input's own size and orientation
+    assert set(np.unique(lesion)) <= {0, 255} and set(np.unique(lung)) == {0, 255}
+    lesion, lung = lesion > 0, lung > 0
+    assert lesion.any() and not (lesion & ~lung).any()
+    assert report["units"] == "pixels" and report["n_slices"] == 1
+    assert report["input"]["size"] == [image.shape[1], image.shape[0]] and report["input"]["rotate"] == MEDSEG_ROTATE
+    assert report["voxels"]["both"] == {"lesion": int(lesion.sum()), "lung": int(lung.sum())}
+    assert report["lesion_px"]["both"] == int(lesion.sum())
+    assert report["lesion_percent_of_lung"]["both"] == pytest.approx(100 * lesion.sum() / lung.sum())
+    assert report["lesion_px"]["left"] + report["lesion_px"]["right"] == report["lesion_px"]["both"]
+    # the same path as LesionSegmenter.predict_slices on the slice in the radiological view
+    pred = segmenter.predict_slices([np.ascontiguousarray(np.rot90(image, MEDSEG_ROTATE))], "8bit")[0]
+    np.testing.assert_array_equal(np.rot90(pred.prob >= 0.5, -MEDSEG_ROTATE), lesion)
+
+
+def _bad_inputs(root: Path, series: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
+    gap = root / "gap"
+    gap.mkdir()
+    for name in ("0025.dcm", "0027.dcm", "0031.dcm"):  # 0029 missing
+        shutil.copyfile(series / name, gap / name)
+    text = root / "notes.txt"
+    text.write_text("not an image")
+    rgb = root / "rgb.png"
+    grey = sitk.GetImageFromArray(np.arange(64 * 64, dtype=np.uint8).reshape(64, 64))
+    sitk.WriteImage(sitk.Compose([grey] * 3), str(rgb))
+    eight_bit = root / "eight-bit.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(4 * 32 * 32, dtype=np.uint8).reshape(4, 32, 32)), str(eight_bit))
+    return {
+        "missing": (root / "nope", {}),
+        "text file": (text, {}),
+        "one dicom file": (series / "0025.dcm", {}),
+        "series with a gap": (gap, {}),
+        "rgb slice": (rgb, {}),
+        "volume not in HU": (eight_bit, {}),
+        "rotate on a volume": (series, {"rotate": 1}),
+    }
+
+
+def test_bad_input_is_refused_before_anything_is_written(series: Path, model_dir: Path, tmp_path: Path) -> None:
+    for label, (path, kwargs) in _bad_inputs(tmp_path, series).items():
+        out = tmp_path / f"out-{label.replace(' ', '-')}"
+        with pytest.raises(InputError) as info:
+            predict_study(path, model_dir, out, **kwargs)
+        assert str(path) in str(info.value), label
+        assert not out.exists(), label
+    with pytest.raises(InputError, match="model folder not found"):
+        predict_study(series, tmp_path / "no-model", tmp_path / "out-model")
+    assert not (tmp_path / "out-model").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "scratch folders left behind"
+
+
+def test_output_folder_is_guarded(series: Path, jpeg: Path, segmenter: LesionSegmenter, tmp_path: Path) -> None:
+    """The output replaces an earlier prediction, never the input or an unrelated folder."""
+    before = sorted(p.name for p in series.iterdir())
+    with pytest.raises(InputError, match="holds the input"):
+        predict_study(series, segmenter, series)
+    with pytest.raises(InputError, match="holds the input"):
+        predict_study(jpeg, segmenter, jpeg.parent, rotate=MEDSEG_ROTATE)
+    assert sorted(p.name for p in series.iterdir()) == before
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(InputError, match="not an earlier covseg prediction"):
+        predict_study(jpeg, segmenter, foreign, rotate=MEDSEG_ROTATE)
+    assert (foreign / "thesis.tex").read_text() == "precious"
+    out = tmp_path / "again"
+    first = predict_study(jpeg, segmenter, out, rotate=MEDSEG_ROTATE)
+    (out / "stale.txt").write_text("from an older run")
+    second = predict_study(jpeg, segmenter, out, rotate=MEDSEG_ROTATE)
+    assert not (out / "stale.txt").exists() and second["voxels"] == first["voxels"]
+
+
+@pytest.fixture
+def tracking(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """MLflow pointed at the session server for one test (tracking URI restored afterwards)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    before = getattr(tracking_utils, "_tracking_uri", None)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        yield mlflow.MlflowClient(mlflow_server, mlflow_server)
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+def test_mlflow_pyfunc_gives_the_cli_mask(tracking: Any, model_dir: Path, jpeg: Path,
+                                          segmenter: LesionSegmenter, tmp_path: Path) -> None:
+    import mlflow
+    import mlflow.pyfunc
+
+    from covseg import serving
+
+    name = f"covseg-predict-{uuid.uuid4().hex[:8]}"
+    lineage = {"data_md5": "0123456789abcdef0123456789abcdef", "git_commit": "feedc0de"}
+    experiment = tracking.create_experiment(name)
+    with mlflow.start_run(experiment_id=experiment):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=serving.CovsegModel(),
+            artifacts={serving.SEGMENTER_PT: str(model_dir / "segmenter.pt"),
+                       serving.SEGMENTER_META: str(model_dir / "segmenter.json")},
+            signature=serving.signature(), pip_requirements=["mlflow", "torch", "numpy"])
+    version = mlflow.register_model(info.model_uri, name, tags=lineage)
+    tracking.set_registered_model_alias(name, "champion", version.version)
+
+    view = np.ascontiguousarray(np.rot90(read_slice(jpeg), MEDSEG_ROTATE))
+    served = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}").predict(
+        view[None].astype(np.float32), params={"domain": "8bit"})
+    direct = segmenter.predict_slices([view], "8bit")[0].prob >= 0.5
+    assert served.shape == (1, *view.shape) and served.dtype == np.uint8
+    np.testing.assert_array_equal(served[0].astype(bool), direct)
+
+    report = predict_study(jpeg, f"models:/{name}@champion", tmp_path / "out", rotate=MEDSEG_ROTATE)
+    cli_mask = _array(tmp_path / "out" / LESION_PNG) > 0
+    np.testing.assert_array_equal(np.rot90(served[0].astype(bool), -MEDSEG_ROTATE), cli_mask)
+    model = report["model"]
+    assert model["source"] == "mlflow" and model["name"] == name and model["version"] == str(version.version)
+    assert model["data_md5"] == lineage["data_md5"] and model["git_commit"] == lineage["git_commit"]
+    assert "champion" in model["aliases"]
+
+
+def test_cli_predict(jpeg: Path, model_dir: Path, tmp_path: Path) -> None:
+    """`covseg predict` binds predict_study (skipped until the command is in covseg.cli)."""
+    from click.testing import CliRunner
+
+    from covseg.cli import EXIT_BAD_INPUT, main
+
+    if "predict" not in main.commands:
+        pytest.skip("covseg.cli has no `predict` command yet")
+    runner = CliRunner()
+    out = tmp_path / "out"
+    ok = runner.invoke(main, ["predict", str(jpeg), "--model", str(model_dir), "--out", str(out),
+                              "--rotate", str(MEDSEG_ROTATE)])
+    assert ok.exit_code == 0, ok.output
+    assert (out / LESION_PNG).is_file() and "% of lung" in ok.output
+    bad = runner.invoke(main, ["predict", str(tmp_path / "nope.jpg"), "--model", str(model_dir),
+                               "--out", str(tmp_path / "out2")])
+    assert bad.exit_code == EXIT_BAD_INPUT and "error:" in bad.output and not (tmp_path / "out2").exists()
