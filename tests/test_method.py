@@ -76,3 +76,16 @@ def test_curriculum_grows_from_easy_to_all(epochs: int) -> None:
     assert len(last) == 6
     if epochs > 1:
         assert set(first) == {1, 5}  # the easiest positive and the easiest negative
+
+
+def test_otsu_threshold_splits_the_lung_and_ignores_flat_maps() -> None:
+    from covseg.cam import otsu_in_lung, threshold_maps
+
+    lung = np.zeros((32, 32), bool)
+    lung[4:28, 4:28] = True
+    cam = np.full((32, 32), 0.2, np.float32)
+    cam[6:14, 6:14] = 0.9  # one hot spot
+    level = otsu_in_lung(cam, lung)
+    assert 0.2 <= level < 0.9
+    masks = threshold_maps(np.stack([cam, np.full_like(cam, 0.7)]), np.stack([lung, lung]), np.array([0, 1]), "otsu")
+    assert masks[0].sum() == 64 and not masks[1].any()

@@ -59,13 +59,18 @@ def normalise_in_lung(maps: np.ndarray, lungs: np.ndarray) -> np.ndarray:
 
 
 def otsu_in_lung(cam: np.ndarray, lung: np.ndarray) -> float:
-    """Otsu's threshold of a map over its lung pixels (SimpleITK), 0.5 when the lung is too small."""
+    """Otsu's threshold of a map over its lung pixels (SimpleITK); 0.5 when the lung is too small, and
+    infinity (an empty label) when the map is flat inside the lung."""
     import SimpleITK as sitk
 
     if lung.sum() < 16:
         return 0.5
+    values = cam[lung.astype(bool)]
+    if values.max() - values.min() < 1e-6:  # a flat map carries no localisation: label nothing
+        return float("inf")
     otsu = sitk.OtsuThresholdImageFilter()
     otsu.SetNumberOfHistogramBins(64)
+    otsu.SetMaskValue(1)
     otsu.Execute(sitk.GetImageFromArray(cam.astype(np.float32)), sitk.GetImageFromArray(lung.astype(np.uint8)))
     return float(otsu.GetThreshold())
 
