@@ -9,6 +9,8 @@ export GX_ANALYTICS_ENABLED := False
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
+# UTF-8 mode: file and subprocess text is UTF-8 even where a library resets the C locale
+export PYTHONUTF8 := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: run test venv lint data clean
