@@ -32,11 +32,9 @@ from covseg.training import (
     device,
     fit,
     load_state,
+    run_key,
     save_model,
     seed_everything,
-)
-from covseg.training import (
-    run_key as _run_key,
 )
 
 MODEL, LABELS, STATS = "mil.pt", "fine.npz", "fine.parquet"
@@ -138,7 +136,7 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
             losses.append(loss.item())
         return {"loss": float(np.mean(losses)), "active_bags": float(len(active))}
 
-    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint_path(checkpoint_dir, "mil", {**cfg, **_run_key(params)}), "mil")
+    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint_path(checkpoint_dir, "mil", {**cfg, **run_key(params)}), "mil")
     model.eval()
     save_model(model.cpu(), out_dir / MODEL, {"width": params["classify"]["width"], "grid": cfg["grid"],
                                              "patch": cfg["patch"], "init": cfg["init"]})

@@ -25,11 +25,9 @@ from covseg.training import (
     device,
     fit,
     load_state,
+    run_key,
     save_model,
     seed_everything,
-)
-from covseg.training import (
-    run_key as _run_key,
 )
 
 MODEL = "segmenter.pt"
@@ -80,7 +78,7 @@ def train_segmenter(lungs_dir: str | Path, mil_dir: str | Path, out_dir: str | P
             losses.append(loss.item())
         return {"loss": float(np.mean(losses))}
 
-    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint_path(checkpoint_dir, "segmenter", {**cfg, **_run_key(params)}), "segment")
+    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint_path(checkpoint_dir, "segmenter", {**cfg, **run_key(params)}), "segment")
     save_model(model.cpu(), Path(out_dir) / MODEL, {"features": list(cfg["features"]),
                                                    "image_size": params["image_size"],
                                                    "seed": params["seed"], "profile": params["profile"]})
