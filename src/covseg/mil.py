@@ -166,18 +166,14 @@ def fine_labels(model: MILNet, slices: SliceSet, coarse_dir: str | Path, out_dir
                 params: dict[str, Any]) -> pd.DataFrame:
     """Fine labels for every slice that has a coarse label: coarse AND MIL-positive patch AND bright enough."""
     cfg, size = params["mil"], slices.images.shape[-1]
-    coarse_npz = np.load(Path(coarse_dir) / CAM_MAPS)
-    cam, coarse = coarse_npz["cam"].astype(np.float32), coarse_npz["coarse"]
+    coarse = np.load(Path(coarse_dir) / CAM_MAPS)["coarse"]
     rows = pd.read_parquet(Path(coarse_dir) / CAM_STATS)["row"].to_numpy()
     probs = score_instances(model, slices, rows, cfg)
     keep = instance_map(probs, cfg["grid"], size) >= cfg["threshold"]
     bright = slices.images[rows] >= params["fine"]["min_intensity"]
-    fine_soft = np.zeros_like(cam, dtype=np.float16)
-    fine_soft[rows] = cam[rows] * keep * bright
     fine = np.zeros_like(coarse)
     fine[rows] = coarse[rows] & keep & bright
-    np.savez_compressed(out_dir / LABELS, fine=fine, fine_soft=fine_soft,
-                        instance_prob=probs, rows=rows)
+    np.savez_compressed(out_dir / LABELS, fine=fine, instance_prob=probs, rows=rows)
     stats = label_stats(slices, fine, slices.index.set_index("row").loc[rows].reset_index())
     stats.to_parquet(out_dir / STATS, index=False)
     return stats
