@@ -1,5 +1,5 @@
-"""Figures people would rather look at than read: loss curves and the method panel
-(CT slice, Grad-CAM, coarse label, fine label, final mask, ground truth)."""
+"""Figures people would rather look at than read: the method panel (CT slice, Grad-CAM, coarse label,
+fine label, final mask, ground truth). Loss curves are MLflow metric histories (`tracking.log_history`)."""
 
 from __future__ import annotations
 
@@ -16,19 +16,6 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def loss_figure(histories: dict[str, list[dict[str, Any]]]) -> Any:
-    """One curve per training stage: loss per epoch."""
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(5, 3.2))
-    for name, history in histories.items():
-        axis.plot([h["epoch"] for h in history], [h["loss"] for h in history], marker="o", label=name)
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("training loss")
-    axis.legend()
-    figure.tight_layout()
-    return figure
 
 
 def method_panel(images: np.ndarray, columns: dict[str, np.ndarray], titles: list[str] | None = None) -> Any:
