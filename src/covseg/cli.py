@@ -251,9 +251,14 @@ def models() -> None:
 
     configure()
     client = mlflow.MlflowClient()
+    # search results carry no aliases in MLflow 3.17: read them from the registered model
+    by_version: dict[str, list[str]] = {}
+    for alias, version in client.get_registered_model("covseg").aliases.items():
+        by_version.setdefault(str(version), []).append(alias)
     for mv in sorted(client.search_model_versions("name = 'covseg'"), key=lambda m: int(m.version)):
-        aliases = ",".join(mv.aliases) or "-"
-        click.echo(f"v{mv.version:<4} {aliases:<20} dice={mv.tags.get('candidate_dice', mv.tags.get('eval_dice', '?')):<8} "
+        aliases = ",".join(by_version.get(str(mv.version), [])) or "-"
+        dice = mv.tags.get("candidate_dice", mv.tags.get("eval_dice", "nan"))
+        click.echo(f"v{mv.version:<4} {aliases:<20} dice={float(dice):.3f} "
                    f"data={mv.tags.get('data_md5', '?')[:12]} commit={mv.tags.get('git_commit', '?')[:8]} "
                    f"{mv.tags.get('promotion_decision', '')}")
 
