@@ -243,3 +243,36 @@ def leftovers(artifacts: Path) -> list[str]:
     if not artifacts.exists():
         return []
     return sorted(p.name for p in artifacts.iterdir() if p.name == "ingest" or p.name.startswith(".ingest"))
+
+
+def assert_refused(builder: Any, tmp_path: Path) -> None:
+    """A bad-input builder's data is refused by the ingest stage and by the CLI.
+
+    The stage raises one-line `InputError` naming the file (the expected problem may list alternatives
+    separated by " | ") and leaves no output; `covseg ingest` exits 2 with one `error: <path>: <problem>`
+    line, last on stderr, and no artifacts/ingest.
+    """
+    import pytest
+
+    from covseg import stages
+    from covseg.io import InputError
+
+    require_shared()
+    project = tmp_path / "project"
+    sources, bad_path, problem = builder(project / "data")
+    make_project(project, sources=sources)
+
+    out = tmp_path / "stage" / "ingest"
+    with pytest.raises(InputError) as info:
+        stages.ingest(project / "data", out, tiny_params(sources=sources))
+    assert Path(info.value.path) == bad_path
+    assert any(alternative in info.value.problem for alternative in problem.split(" | ")), info.value.problem
+    assert str(info.value) == f"{bad_path}: {info.value.problem}" and "\n" not in str(info.value)
+    assert leftovers(out.parent) == []
+
+    result = invoke_cli(project, "ingest", "--profile", "tiny")
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = error_lines(result.stderr)
+    assert lines == [f"error: {bad_path}: {info.value.problem}"], result.stderr
+    assert result.stderr.replace("\r", "\n").strip().splitlines()[-1] == lines[0]
+    assert leftovers(project / "artifacts") == []

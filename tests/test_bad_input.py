@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from helpers import (
     MEDSEG,
     SEG_SLICES,
+    assert_refused,
     build_ct_md,
     build_medseg,
     build_seg_slices,
@@ -26,7 +27,6 @@ from helpers import (
     invoke_cli,
     leftovers,
     make_project,
-    require_shared,
     rewrite_dicom,
     series_files,
     tiny_params,
@@ -193,27 +193,7 @@ BUILDERS: dict[str, Builder] = {b.__name__: b for b in (
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_bad_input_is_refused_by_stage_and_cli(name: str, tmp_path: Path) -> None:
-    require_shared()
-    project = tmp_path / "project"
-    sources, bad_path, problem = BUILDERS[name](project / "data")
-    make_project(project, sources=sources)
-
-    # The stage function: an InputError naming the file, one line, nothing left in the output folder.
-    out = tmp_path / "stage" / "ingest"
-    with pytest.raises(InputError) as info:
-        stages.ingest(project / "data", out, tiny_params(sources=sources))
-    assert Path(info.value.path) == bad_path
-    assert any(alternative in info.value.problem for alternative in problem.split(" | ")), info.value.problem
-    assert str(info.value) == f"{bad_path}: {info.value.problem}" and "\n" not in str(info.value)
-    assert leftovers(out.parent) == []
-
-    # The CLI: exit code 2, one `error: <path>: <problem>` line, last on stderr; no artifacts/ingest.
-    result = invoke_cli(project, "ingest", "--profile", "tiny")
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines = error_lines(result.stderr)
-    assert lines == [f"error: {bad_path}: {info.value.problem}"], result.stderr
-    assert result.stderr.replace("\r", "\n").strip().splitlines()[-1] == lines[0]
-    assert leftovers(project / "artifacts") == []
+    assert_refused(BUILDERS[name], tmp_path)
 
 
 def test_real_pseudonymous_headers_are_accepted(tmp_path: Path) -> None:

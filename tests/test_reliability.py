@@ -32,13 +32,13 @@ from helpers import (
     BIN,
     MEDSEG,
     SEG_SLICES,
+    assert_refused,
     build_medseg,
     build_seg_slices,
     cli_env,
     copy_file,
     error_lines,
     invoke_cli,
-    leftovers,
     make_project,
     require_shared,
     rewrite_dicom,
@@ -200,23 +200,7 @@ assert not set(NEW_BUILDERS) & set(EXISTING_BUILDERS)
 @pytest.mark.parametrize("name", list(NEW_BUILDERS))
 def test_new_bad_input_is_refused_by_stage_and_cli(name: str, tmp_path: Path) -> None:
     """As test_bad_input: an InputError naming the file, one `error:` line, exit 2, no output folder."""
-    require_shared()
-    project = tmp_path / "project"
-    sources, bad_path, problem = NEW_BUILDERS[name](project / "data")
-    make_project(project, sources=sources)
-
-    out = tmp_path / "stage" / "ingest"
-    with pytest.raises(InputError) as info:
-        stages.ingest(project / "data", out, tiny_params(sources=sources))
-    assert Path(info.value.path) == bad_path
-    assert problem in info.value.problem, info.value.problem
-    assert str(info.value) == f"{bad_path}: {info.value.problem}" and "\n" not in str(info.value)
-    assert leftovers(out.parent) == []
-
-    result = invoke_cli(project, "ingest", "--profile", "tiny")
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    assert error_lines(result.stderr) == [f"error: {bad_path}: {info.value.problem}"], result.stderr
-    assert leftovers(project / "artifacts") == []
+    assert_refused(NEW_BUILDERS[name], tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------

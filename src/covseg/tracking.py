@@ -132,13 +132,3 @@ def log_history(run: Any, history: list[dict[str, Any]], prefix: str) -> None:
         step = int(record["epoch"])
         mlflow.log_metrics({f"{prefix}.{k}": float(v) for k, v in record.items()
                             if k != "epoch" and isinstance(v, int | float)}, step=step)
-
-
-def log_figure(run: Any, figure: Any, name: str) -> None:
-    """A matplotlib figure as a run artifact."""
-    if run is None:
-        return
-    import mlflow
-
-    mlflow.log_figure(figure, name)
-
