@@ -89,3 +89,23 @@ def test_otsu_threshold_splits_the_lung_and_ignores_flat_maps() -> None:
     assert 0.2 <= level < 0.9
     masks = threshold_maps(np.stack([cam, np.full_like(cam, 0.7)]), np.stack([lung, lung]), np.array([0, 1]), "otsu")
     assert masks[0].sum() == 64 and not masks[1].any()
+
+
+def test_lesion_prior_keeps_opacities_and_drops_vessels_and_soft_tissue() -> None:
+    """Geometry of the fine-label prior (synthetic, 128 px): a ground-glass patch survives, a 1-px vessel of
+    the same density, soft tissue at the body level and healthy parenchyma do not."""
+    from covseg.mil import lesion_prior
+
+    fine = {"min_intensity": 0.2, "max_intensity": 0.55, "open_radius_frac": 0.008}
+    image = np.full((1, 128, 128), 0.1, dtype=np.float32)  # healthy lung
+    image[0, 20:32, 20:32] = 0.35  # ground-glass opacity, 12 px wide
+    image[0, 60, 10:120] = 0.35  # a vessel, 1 px wide, as dense as the opacity
+    image[0, 90:110, 60:90] = 0.62  # mediastinum inside a generous lung mask
+    prior = lesion_prior(image, fine)[0]
+    assert prior[20:32, 20:32].mean() > 0.9
+    assert not prior[59:62].any()
+    assert not prior[90:110, 60:90].any()
+    assert not prior[40:50, 40:50].any()
+    no_open = lesion_prior(image, {**fine, "open_radius_frac": 0.0})[0]
+    assert no_open[60, 10:120].all()  # without the opening the vessel is kept: the opening does the work
+

@@ -20,6 +20,7 @@ from covseg.ingest import read_manifest
 from covseg.io import SLICE_SUFFIXES, InputError, read_mask, read_slice
 from covseg.metrics import summarise
 from covseg.mil import LABELS as FINE
+from covseg.mil import lesion_prior
 from covseg.segment import load_segmenter, segment_canonical
 from covseg.training import SliceSet
 
@@ -29,10 +30,13 @@ def _read_mask(ingest_dir: Path, row: pd.Series) -> np.ndarray:
 
 
 def evaluate_pipeline(ingest_dir: str | Path, lungs_dir: str | Path, coarse_dir: str | Path,
-                      mil_dir: str | Path, segment_dir: str | Path, figure: str | Path | None = None) -> dict[str, Any]:
+                      mil_dir: str | Path, segment_dir: str | Path, figure: str | Path | None = None,
+                      prior: dict[str, Any] | None = None) -> dict[str, Any]:
     """Table-1 rows (coarse / fine / final) on the evaluation split, in each slice's own geometry.
 
     With `figure`, also draws the method panel (CT, Grad-CAM, coarse, fine, final, ground truth) there.
+    With `prior` (the `fine` parameters), adds the row "prior": the fine labels' intensity prior alone in
+    the lung, without Grad-CAM or MIL, which shows what those two weak localisers add.
     """
     ingest_dir = Path(ingest_dir)
     slices = SliceSet.load(lungs_dir)
@@ -50,7 +54,11 @@ def evaluate_pipeline(ingest_dir: str | Path, lungs_dir: str | Path, coarse_dir:
     final = segment_canonical(model, slices.images[positions], slices.lungs[positions])
     geos = [geometry_of(row) for _, row in rows.iterrows()]
     table = {}
-    for name, maps in (("coarse", coarse), ("fine", fine), ("final", final)):
+    rows_to_score = [("coarse", coarse), ("fine", fine), ("final", final)]
+    if prior is not None:
+        rows_to_score.append(("prior", (lesion_prior(slices.images[positions], prior)
+                                        & slices.lungs[positions]).astype(np.float32)))
+    for name, maps in rows_to_score:
         table[name] = summarise([from_canonical(m, g) for m, g in zip(maps, geos, strict=True)], truths)
     table["cam_inside_vs_outside"] = cam_contrast(cam, slices.lungs[positions], truths, geos)
     if figure:

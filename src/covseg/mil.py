@@ -5,7 +5,8 @@ label (positive slices vs lesion-free slices). The MIL network shares its encode
 (it starts from the classifier's weights: "dual-task mutual"), scores each instance, and pools them with
 attention + max. Curriculum: bags are ranked by the classifier's confidence (easy = confidently right);
 epoch e trains on the easiest share `start + (1 - start) * e / (epochs - 1)` of each class. The schedule
-is logged. Fine labels = coarse mask  AND  patch score >= threshold  AND  intensity above healthy lung.
+is logged. Fine labels = coarse mask  AND  patch score >= threshold  AND  the lesion-intensity prior
+(`lesion_prior`: denser than healthy lung, not a vessel, not soft tissue; fixed constants, no mask).
 """
 
 from __future__ import annotations
@@ -70,6 +71,28 @@ def curriculum(difficulty: np.ndarray, labels: np.ndarray, epoch: int, epochs: i
         ordered = members[np.argsort(difficulty[members], kind="stable")]
         chosen.append(ordered[:max(1, int(round(share * len(ordered))))])
     return np.concatenate(chosen)
+
+
+def lesion_prior(images: np.ndarray, fine: dict[str, Any]) -> np.ndarray:
+    """Pixels whose local density looks like lesion, on the harmonised scale (lung 0.1, body 0.6).
+
+    A grey opening (SimpleITK, disk of `open_radius_frac` of the slice side: 1 px at 128, 2 px at 256, about
+    2-3 mm) erases structures thinner than the disk, i.e. vessels, which are as dense as consolidation; what
+    survives must lie in [min_intensity, max_intensity): from ground glass (~ -670 HU) to just under the body
+    reference level, which drops mediastinum and chest wall that the generous lung mask takes in.
+    """
+    import SimpleITK as sitk
+
+    images = np.asarray(images, dtype=np.float32)
+    if images.size == 0:
+        return np.zeros(images.shape, dtype=bool)
+    radius = max(0, round(fine["open_radius_frac"] * images.shape[-1]))
+    opened = images
+    if radius:
+        volume = sitk.GetImageFromArray(images.reshape(-1, *images.shape[-2:]))
+        opened = sitk.GetArrayFromImage(sitk.GrayscaleMorphologicalOpening(
+            volume, kernelRadius=[radius, radius, 0], kernelType=sitk.sitkBall)).reshape(images.shape)
+    return (opened >= fine["min_intensity"]) & (opened < fine["max_intensity"])
 
 
 @torch.no_grad()
@@ -158,21 +181,27 @@ def mil_quality(model: MILNet, slices: SliceSet, params: dict[str, Any]) -> dict
     _, valid = to_patches(slices.tensor(rows[labels == 0]),
                           torch.from_numpy(slices.lungs[rows[labels == 0]])[:, None], cfg["grid"], cfg["patch"])
     valid = valid.numpy()
+    # the fine-label rule (coarse taken as the whole lung) on lesion-free slices: every pixel it keeps is wrong
+    neg_rows = rows[labels == 0]
+    lung = slices.lungs[neg_rows]
+    kept = (instance_map(negative, cfg["grid"], lung.shape[-1]) >= cfg["threshold"]) & lung
+    kept &= lesion_prior(slices.images[neg_rows], params["fine"])
     return {"val_bag_accuracy": float((bag_pred == labels).mean()) if len(labels) else float("nan"),
-            "val_negative_instance_accuracy": float((negative[valid] < 0.5).mean()) if valid.any() else float("nan")}
+            "val_negative_instance_accuracy": float((negative[valid] < 0.5).mean()) if valid.any() else float("nan"),
+            "val_negative_label_area": float(kept.sum() / max(lung.sum(), 1))}
 
 
 def fine_labels(model: MILNet, slices: SliceSet, coarse_dir: str | Path, out_dir: Path,
                 params: dict[str, Any]) -> pd.DataFrame:
-    """Fine labels for every slice that has a coarse label: coarse AND MIL-positive patch AND bright enough."""
+    """Fine labels for every slice that has a coarse label: coarse AND MIL-positive patch AND lesion prior."""
     cfg, size = params["mil"], slices.images.shape[-1]
     coarse = np.load(Path(coarse_dir) / CAM_MAPS)["coarse"]
     rows = pd.read_parquet(Path(coarse_dir) / CAM_STATS)["row"].to_numpy()
     probs = score_instances(model, slices, rows, cfg)
     keep = instance_map(probs, cfg["grid"], size) >= cfg["threshold"]
-    bright = slices.images[rows] >= params["fine"]["min_intensity"]
+    prior = lesion_prior(slices.images[rows], params["fine"])
     fine = np.zeros_like(coarse)
-    fine[rows] = coarse[rows] & keep & bright
+    fine[rows] = coarse[rows] & keep & prior
     np.savez_compressed(out_dir / LABELS, fine=fine, instance_prob=probs, rows=rows)
     stats = label_stats(slices, fine, slices.index.set_index("row").loc[rows].reset_index())
     stats.to_parquet(out_dir / STATS, index=False)

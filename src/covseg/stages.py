@@ -95,7 +95,8 @@ def evaluate(ingest_dir: str | Path, lungs_dir: str | Path, coarse_dir: str | Pa
     from covseg.evaluate import evaluate_pipeline
 
     with tracking.stage_run("evaluate", params) as run, atomic_dir(out_dir) as scratch:
-        table = evaluate_pipeline(ingest_dir, lungs_dir, coarse_dir, mil_dir, segment_dir, scratch / "panel.png")
+        table = evaluate_pipeline(ingest_dir, lungs_dir, coarse_dir, mil_dir, segment_dir, scratch / "panel.png",
+                                  prior=params["fine"])
         _write_json(scratch / "metrics.json", table)
         tracking.log_metrics(run, table)
         if run is not None:
