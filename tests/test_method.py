@@ -109,3 +109,18 @@ def test_lesion_prior_keeps_opacities_and_drops_vessels_and_soft_tissue() -> Non
     no_open = lesion_prior(image, {**fine, "open_radius_frac": 0.0})[0]
     assert no_open[60, 10:120].all()  # without the opening the vessel is kept: the opening does the work
 
+
+
+def test_fusion_keeps_only_where_cam_and_mil_agree() -> None:
+    from covseg.mil import fuse
+
+    cam = np.array([[0.9, 0.9, 0.2, 0.0]], dtype=np.float32)
+    instance = np.array([[0.9, 0.2, 0.9, 1.0]], dtype=np.float32)
+    coarse = cam >= 0.5
+    soft = fuse(cam, coarse, instance, {"fusion": "soft", "threshold": 0.5})
+    hard = fuse(cam, coarse, instance, {"fusion": "hard", "threshold": 0.5})
+    assert soft.tolist() == [[True, False, False, False]]  # sqrt(0.9 * 0.2) = 0.42 < 0.5
+    assert hard.tolist() == [[True, False, False, False]]
+    assert fuse(cam, coarse, np.full_like(cam, 0.3), {"fusion": "soft", "threshold": 0.5})[0, 0]  # 0.52
+    with pytest.raises(ValueError, match="fusion"):
+        fuse(cam, coarse, instance, {"fusion": "max", "threshold": 0.5})

@@ -5,7 +5,7 @@ label (positive slices vs lesion-free slices). The MIL network shares its encode
 (it starts from the classifier's weights: "dual-task mutual"), scores each instance, and pools them with
 attention + max. Curriculum: bags are ranked by the classifier's confidence (easy = confidently right);
 epoch e trains on the easiest share `start + (1 - start) * e / (epochs - 1)` of each class. The schedule
-is logged. Fine labels = coarse mask  AND  patch score >= threshold  AND  the lesion-intensity prior
+is logged. Fine labels = sqrt(Grad-CAM x patch score) >= threshold  AND  the lesion-intensity prior
 (`lesion_prior`: denser than healthy lung, not a vessel, not soft tissue; fixed constants, no mask).
 """
 
@@ -181,27 +181,39 @@ def mil_quality(model: MILNet, slices: SliceSet, params: dict[str, Any]) -> dict
     _, valid = to_patches(slices.tensor(rows[labels == 0]),
                           torch.from_numpy(slices.lungs[rows[labels == 0]])[:, None], cfg["grid"], cfg["patch"])
     valid = valid.numpy()
-    # the fine-label rule (coarse taken as the whole lung) on lesion-free slices: every pixel it keeps is wrong
+    # the fine-label rule on lesion-free slices, Grad-CAM taken as 1 in the lung (they get no CAM): the most
+    # permissive reading, and every pixel it keeps is wrong
     neg_rows = rows[labels == 0]
     lung = slices.lungs[neg_rows]
-    kept = (instance_map(negative, cfg["grid"], lung.shape[-1]) >= cfg["threshold"]) & lung
+    kept = fuse(lung.astype(np.float32), lung, instance_map(negative, cfg["grid"], lung.shape[-1]), cfg) & lung
     kept &= lesion_prior(slices.images[neg_rows], params["fine"])
     return {"val_bag_accuracy": float((bag_pred == labels).mean()) if len(labels) else float("nan"),
             "val_negative_instance_accuracy": float((negative[valid] < 0.5).mean()) if valid.any() else float("nan"),
             "val_negative_label_area": float(kept.sum() / max(lung.sum(), 1))}
 
 
+def fuse(cam: np.ndarray, coarse: np.ndarray, instance: np.ndarray, cfg: dict[str, Any]) -> np.ndarray:
+    """Where the two weak localisers agree: 'soft' = sqrt(Grad-CAM x instance score) >= threshold (the
+    DESIGN's "instance scores x coarse map"), 'hard' = Otsu coarse label AND instance score >= threshold."""
+    if cfg["fusion"] == "soft":
+        return np.sqrt(cam * instance) >= cfg["threshold"]
+    if cfg["fusion"] == "hard":
+        return coarse & (instance >= cfg["threshold"])
+    raise ValueError(f"mil.fusion must be 'soft' or 'hard', got {cfg['fusion']!r}")
+
+
 def fine_labels(model: MILNet, slices: SliceSet, coarse_dir: str | Path, out_dir: Path,
                 params: dict[str, Any]) -> pd.DataFrame:
-    """Fine labels for every slice that has a coarse label: coarse AND MIL-positive patch AND lesion prior."""
+    """Fine labels for every slice that has a coarse label: MIL instance score x coarse map, AND the lesion
+    prior, inside the lung (`mil.fusion`: 'soft' uses the Grad-CAM map itself, 'hard' its Otsu label)."""
     cfg, size = params["mil"], slices.images.shape[-1]
-    coarse = np.load(Path(coarse_dir) / CAM_MAPS)["coarse"]
+    cam = np.load(Path(coarse_dir) / CAM_MAPS)
     rows = pd.read_parquet(Path(coarse_dir) / CAM_STATS)["row"].to_numpy()
     probs = score_instances(model, slices, rows, cfg)
-    keep = instance_map(probs, cfg["grid"], size) >= cfg["threshold"]
-    prior = lesion_prior(slices.images[rows], params["fine"])
-    fine = np.zeros_like(coarse)
-    fine[rows] = coarse[rows] & keep & prior
+    keep = fuse(cam["cam"][rows].astype(np.float32), cam["coarse"][rows],
+                instance_map(probs, cfg["grid"], size), cfg)
+    fine = np.zeros_like(cam["coarse"])
+    fine[rows] = keep & lesion_prior(slices.images[rows], params["fine"]) & slices.lungs[rows]
     np.savez_compressed(out_dir / LABELS, fine=fine, instance_prob=probs, rows=rows)
     stats = label_stats(slices, fine, slices.index.set_index("row").loc[rows].reset_index())
     stats.to_parquet(out_dir / STATS, index=False)
