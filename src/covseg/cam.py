@@ -17,7 +17,7 @@ from tqdm import tqdm
 from covseg.classify import MODEL as CLASSIFIER
 from covseg.classify import predict_proba
 from covseg.nets import SliceClassifier
-from covseg.training import SliceSet, load_state
+from covseg.training import SliceSet, device, load_state
 
 MAPS, STATS = "coarse.npz", "coarse.parquet"
 
@@ -37,10 +37,11 @@ def grad_cam(model: SliceClassifier, x: torch.Tensor, layer: str = "encoder.bloc
     from monai.visualize import GradCAM
 
     cam = GradCAM(nn_module=model, target_layers=layer)
+    dev = next(model.parameters()).device
     maps = []
     for start in range(0, len(x), batch_size):
-        chunk = x[start:start + batch_size].clone().requires_grad_(False)
-        maps.append(cam(chunk, class_idx=0).detach()[:, 0].numpy())
+        chunk = x[start:start + batch_size].clone().requires_grad_(False).to(dev)
+        maps.append(cam(chunk, class_idx=0).detach()[:, 0].float().cpu().numpy())
     return np.concatenate(maps) if maps else np.zeros((0, *x.shape[-2:]), np.float32)
 
 
@@ -95,7 +96,7 @@ def coarse_labels(lungs_dir: str | Path, classify_dir: str | Path, out_dir: str 
     """Write soft CAM maps + thresholded coarse masks (`coarse.npz`) and per-slice stats (`coarse.parquet`)."""
     cfg = params["coarse"]
     slices = SliceSet.load(lungs_dir)
-    model = load_classifier(classify_dir)
+    model = load_classifier(classify_dir).to(device())
     rows = cam_rows(slices.index)
     positions = rows["row"].to_numpy()
     size = slices.images.shape[-1]

@@ -86,7 +86,7 @@ def _train(slices: SliceSet, train_rows: pd.DataFrame, targets: np.ndarray, weig
     def run_epoch(epoch: int) -> dict[str, float]:
         losses = []
         for chosen in batches(len(positions), cfg["batch_size"], weights, rng, cfg["draws_per_epoch"]):
-            x = augment(slices.tensor(positions[chosen]), generator).to(dev)
+            x = augment(slices.tensor(positions[chosen]).to(dev), generator)
             y = torch.as_tensor(targets[chosen], dtype=torch.float32, device=dev)
             with autocast(dev):
                 loss = F.binary_cross_entropy_with_logits(model(x).float().squeeze(1), y)

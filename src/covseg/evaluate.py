@@ -22,7 +22,7 @@ from covseg.metrics import summarise
 from covseg.mil import LABELS as FINE
 from covseg.mil import lesion_prior
 from covseg.segment import load_segmenter, segment_canonical
-from covseg.training import SliceSet
+from covseg.training import SliceSet, device
 
 
 def _read_mask(ingest_dir: Path, row: pd.Series) -> np.ndarray:
@@ -50,7 +50,7 @@ def evaluate_pipeline(ingest_dir: str | Path, lungs_dir: str | Path, coarse_dir:
     # coarse and fine rows score the labels themselves (binary), so both thresholds give the same row
     coarse = coarse_npz["coarse"][positions].astype(np.float32)
     fine = np.load(Path(mil_dir) / FINE)["fine"][positions].astype(np.float32)
-    model, _ = load_segmenter(segment_dir)
+    model = load_segmenter(segment_dir)[0].to(device())
     final = segment_canonical(model, slices.images[positions], slices.lungs[positions])
     geos = [geometry_of(row) for _, row in rows.iterrows()]
     table = {}

@@ -103,11 +103,11 @@ def score_instances(model: MILNet, slices: SliceSet, rows: np.ndarray, cfg: dict
     out = []
     for start in range(0, len(rows), 32):
         chunk = rows[start:start + 32]
-        patches, valid = to_patches(slices.tensor(chunk), torch.from_numpy(slices.lungs[chunk])[:, None],
-                                    cfg["grid"], cfg["patch"])
+        patches, valid = to_patches(slices.tensor(chunk).to(dev),
+                                    torch.from_numpy(slices.lungs[chunk])[:, None].to(dev), cfg["grid"], cfg["patch"])
         with autocast(dev):
             _, instance = model(patches.to(dev), valid.to(dev))
-        out.append((torch.sigmoid(instance.float()).cpu() * valid).numpy())
+        out.append((torch.sigmoid(instance.float()) * valid).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, cfg["grid"] ** 2))
 
 
@@ -118,14 +118,14 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
     seed_everything(params["seed"])
     slices = SliceSet.load(lungs_dir)
     out_dir, checkpoint_dir = Path(out_dir), Path(checkpoint_dir)
-    classifier = load_classifier(classify_dir)
+    dev = device()
+    classifier = load_classifier(classify_dir).to(dev)
     min_lung = params["classify"]["min_lung_fraction"]
     bags = slices.rows("train", min_lung)
     bag_rows, bag_labels = bags["row"].to_numpy(), bags["label"].to_numpy()
     confidence = predict_proba(classifier, slices, bag_rows)
     difficulty = np.where(bag_labels == 1, 1.0 - confidence, confidence)
 
-    dev = device()
     model = MILNet(width=params["classify"]["width"]).to(dev)
     if cfg["init"] == "classifier":  # the shared encoder: what the classifier learned seeds the MIL
         model.encoder.load_state_dict(classifier.encoder.state_dict())
@@ -148,7 +148,7 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
             lung = torch.from_numpy(slices.lungs[picked])[:, None]
             if flip:
                 x, lung = x.flip(-1), lung.flip(-1)
-            patches, valid = to_patches(x, lung, cfg["grid"], cfg["patch"])
+            patches, valid = to_patches(x.to(dev), lung.to(dev), cfg["grid"], cfg["patch"])
             y = torch.as_tensor(labels[chosen], dtype=torch.float32, device=dev)
             with autocast(dev):
                 bag, _ = model(patches.to(dev), valid.to(dev))
@@ -163,6 +163,7 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
     model.eval()
     save_model(model.cpu(), out_dir / MODEL, {"width": params["classify"]["width"], "grid": cfg["grid"],
                                              "patch": cfg["patch"], "init": cfg["init"]})
+    model.to(dev)  # save_model took it to the CPU: score where it trained
     (out_dir / "schedule.json").write_text(json.dumps(schedule, indent=2))
     quality = mil_quality(model, slices, params)
     stats = fine_labels(model, slices, coarse_dir, out_dir, params)

@@ -65,14 +65,14 @@ class SliceSet:
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Left-right flips, contrast/brightness jitter and noise (keeps zeros outside the lungs at zero)."""
-    batch = x.shape[0]
+    batch, dev = x.shape[0], x.device  # draws from the CPU generator, applied where x lives
     inside = (x > 0).float()
-    flip = torch.rand(batch, generator=generator) < 0.5
+    flip = (torch.rand(batch, generator=generator) < 0.5).to(dev)
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     inside = torch.where(flip[:, None, None, None], inside.flip(-1), inside)
-    gain = 1.0 + 0.15 * (torch.rand(batch, 1, 1, 1, generator=generator) * 2 - 1)
-    bias = 0.04 * (torch.rand(batch, 1, 1, 1, generator=generator) * 2 - 1)
-    noise = 0.02 * torch.randn(x.shape, generator=generator)
+    gain = (1.0 + 0.15 * (torch.rand(batch, 1, 1, 1, generator=generator) * 2 - 1)).to(dev)
+    bias = (0.04 * (torch.rand(batch, 1, 1, 1, generator=generator) * 2 - 1)).to(dev)
+    noise = (0.02 * torch.randn(x.shape, generator=generator)).to(dev)
     return ((x * gain + bias + noise).clamp(0, 1)) * inside
 
 
