@@ -124,3 +124,15 @@ def test_fusion_keeps_only_where_cam_and_mil_agree() -> None:
     assert fuse(cam, coarse, np.full_like(cam, 0.3), {"fusion": "soft", "threshold": 0.5})[0, 0]  # 0.52
     with pytest.raises(ValueError, match="fusion"):
         fuse(cam, coarse, instance, {"fusion": "max", "threshold": 0.5})
+
+
+def test_tissue_ceiling_hides_soft_tissue_from_the_weak_localisers_only() -> None:
+    from covseg.training import SliceSet
+
+    images = np.array([[[0.1, 0.3], [0.55, 0.7]]], dtype=np.float32)
+    index = pd.DataFrame({"row": [0]})
+    lungs = np.ones_like(images, dtype=bool)
+    seen = SliceSet(images, lungs, index, tissue_ceiling=0.55).tensor(np.array([0]))
+    assert seen[0, 0].tolist() == [[pytest.approx(0.1), pytest.approx(0.3)], [0.0, 0.0]]
+    assert SliceSet(images, lungs, index).tensor(np.array([0]))[0, 0, 1, 1] == pytest.approx(0.7)
+    assert images[0, 1, 1] == pytest.approx(0.7)  # the stored images (segmenter input, prior) are untouched

@@ -116,7 +116,7 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
     """Train the MIL network with the curriculum; write fine labels (`fine.npz`) and their stats."""
     cfg = params["mil"]
     seed_everything(params["seed"])
-    slices = SliceSet.load(lungs_dir)
+    slices = SliceSet.load(lungs_dir, params["classify"].get("tissue_ceiling"))
     out_dir, checkpoint_dir = Path(out_dir), Path(checkpoint_dir)
     dev = device()
     classifier = load_classifier(classify_dir).to(dev)

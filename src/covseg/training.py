@@ -46,12 +46,16 @@ class SliceSet:
     images: np.ndarray
     lungs: np.ndarray
     index: pd.DataFrame
+    tissue_ceiling: float | None = None
+    """When set, `tensor` zeroes pixels at or above it (soft tissue the generous lung mask takes in), so the
+    weak localisers (classifier, Grad-CAM, MIL) see parenchyma, not mediastinum; `images` stay as they are."""
 
     @classmethod
-    def load(cls, lungs_dir: str | Path) -> SliceSet:
+    def load(cls, lungs_dir: str | Path, tissue_ceiling: float | None = None) -> SliceSet:
         lungs_dir = Path(lungs_dir)
         arrays = np.load(lungs_dir / SLICES)
-        return cls(arrays["image"].astype(np.float32), arrays["lung"], pd.read_parquet(lungs_dir / INDEX))
+        return cls(arrays["image"].astype(np.float32), arrays["lung"], pd.read_parquet(lungs_dir / INDEX),
+                   tissue_ceiling)
 
     def rows(self, split: str, min_lung_fraction: float = 0.0) -> pd.DataFrame:
         """Index rows of one split whose lung mask covers at least `min_lung_fraction` of the slice."""
@@ -59,8 +63,11 @@ class SliceSet:
         return self.index[sel]
 
     def tensor(self, rows: np.ndarray) -> torch.Tensor:
-        """(B,1,S,S) float tensor of the lung-masked images of `rows`."""
-        return torch.from_numpy(self.images[rows])[:, None]
+        """(B,1,S,S) float tensor of the lung-masked images of `rows` (soft tissue zeroed, see tissue_ceiling)."""
+        images = self.images[rows]
+        if self.tissue_ceiling is not None:
+            images = np.where(images >= self.tissue_ceiling, 0.0, images).astype(np.float32)
+        return torch.from_numpy(images)[:, None]
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
