@@ -336,6 +336,7 @@ def trained_tiny(tmp_path_factory: pytest.TempPathFactory) -> TrainedTiny:
     out = root / "artifacts"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("COVSEG_TRACKING", "0")
+        mp.setenv("COVSEG_PIPELINE_RUN_ID", "tiny-fixture")  # the segmenter's lineage names this run
         stages.ingest(data, out / "ingest", params)
         stages.gate0(out / "ingest", out / "gates" / "gate0.json", params)
         stages.lungs(out / "ingest", out / "lungs", params)

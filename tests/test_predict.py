@@ -124,6 +124,9 @@ def test_dicom_report_follows_from_the_masks(dicom_run: tuple[Path, dict], serie
     assert model["version"].startswith("sha256:")
     assert model["meta"] == json.loads((model_dir / "segmenter.json").read_text())
     assert {"data_md5", "git_commit"} <= model.keys()
+    # the model folder carries the lineage of the run that trained it (segmenter.json), and the report says it
+    assert model["pipeline_run_id"] == model["meta"]["pipeline_run_id"] == "tiny-fixture"
+    assert model["data_md5"] == model["meta"]["data_md5"] and model["git_commit"] == model["meta"]["git_commit"]
     assert report["seconds"] >= sum(report["timing_s"].values()) * 0.99 > 0
 
 

@@ -41,8 +41,10 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, region: torch.Ten
 
 
 def train_segmenter(lungs_dir: str | Path, mil_dir: str | Path, out_dir: str | Path,
-                    params: dict[str, Any], checkpoint_dir: str | Path) -> dict[str, Any]:
-    """Train the U-Net on fine labels; save `segmenter.pt` (+ JSON metadata)."""
+                    params: dict[str, Any], checkpoint_dir: str | Path,
+                    lineage: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train the U-Net on fine labels; save `segmenter.pt` (+ JSON metadata, with `lineage` when given:
+    git commit, data version, params hash, pipeline run, so a model folder says what it was trained on)."""
     cfg = params["segment"]
     seed_everything(params["seed"])
     slices = SliceSet.load(lungs_dir)
@@ -81,7 +83,8 @@ def train_segmenter(lungs_dir: str | Path, mil_dir: str | Path, out_dir: str | P
     history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint_path(checkpoint_dir, "segmenter", {**cfg, **run_key(params)}), "segment")
     save_model(model.cpu(), Path(out_dir) / MODEL, {"features": list(cfg["features"]),
                                                    "image_size": params["image_size"],
-                                                   "seed": params["seed"], "profile": params["profile"]})
+                                                   "seed": params["seed"], "profile": params["profile"],
+                                                   **(lineage or {})})
     return {"history": history, "n_train": len(rows)}
 
 
