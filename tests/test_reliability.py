@@ -402,6 +402,8 @@ def test_killed_training_resumes_from_its_checkpoint(trained_tiny: Any, tmp_path
     assert [h["epoch"] for h in history] == list(range(EPOCHS))
     assert history[:len(done)] == done, "the finished epochs must come from the checkpoint"
     assert list(checkpoints.iterdir()) == [], "checkpoints must be removed once training completes"
+    left = sorted(p.name for p in artifacts.iterdir() if p.name.startswith("."))
+    assert left == [], f"the killed run's scratch folder must be swept by the rerun: {left}"
 
 
 def set_dvc_remote(repo: Path, url: str, endpoint: str) -> None:
@@ -444,3 +446,19 @@ def test_dvc_push_with_s3_down_fails_bounded_then_succeeds_when_back(moto_server
     _run(repo, dvc, "push", "-q")
     listing = moto_server.s3_client().list_objects_v2(Bucket=bucket, Prefix="dvcstore/")
     assert len(listing.get("Contents", [])) == 2  # the file and the .dir listing
+
+
+def test_atomic_dir_sweeps_only_leftovers_of_dead_processes(tmp_path: Path) -> None:
+    from covseg.io import atomic_dir
+
+    child = subprocess.Popen(["true"])  # its pid names a process that has exited
+    child.wait()
+    stale = [tmp_path / f".out.tmp-{child.pid}-abc", tmp_path / f".out.old-{child.pid}"]
+    live = [tmp_path / f".out.tmp-{os.getpid()}-xyz", tmp_path / ".other.tmp-1-q"]
+    for folder in stale + live:
+        folder.mkdir()
+    with atomic_dir(tmp_path / "out") as scratch:
+        (scratch / "f.txt").write_text("x")
+    assert (tmp_path / "out" / "f.txt").read_text() == "x"
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in live)  # a running process's scratch, and another target's, stay

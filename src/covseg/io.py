@@ -275,11 +275,14 @@ def write_mask_png(mask: np.ndarray, path: str | Path) -> None:
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a scratch folder next to `target`; on success it replaces `target`, on error it vanishes.
 
-    Readers of `target` never see a half-written output: the old folder stays until the rename.
+    Readers of `target` never see a half-written output: the old folder stays until the rename. Scratch
+    and backup folders left by a killed process (its pid is in their name and no longer runs here) are
+    removed first.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _remove_stale_scratch(target)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield scratch
     except BaseException:
@@ -290,6 +293,25 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         target.rename(backup)
     scratch.rename(target)
     shutil.rmtree(backup, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_scratch(target: Path) -> None:
+    """Delete `.<name>.tmp-<pid>-*` / `.<name>.old-<pid>` siblings of `target` whose process is gone."""
+    for kind in ("tmp", "old"):
+        for leftover in target.parent.glob(f".{target.name}.{kind}-*"):
+            pid = leftover.name[len(f".{target.name}.{kind}-"):].split("-")[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
