@@ -188,6 +188,26 @@ def _nifti_pixdim(path: Path) -> list[float] | None:
     return None
 
 
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+"""NIfTI-1 datatype codes of the float voxel types (the only ones that can hold NaN or Inf)."""
+
+
+def _nifti_nonfinite(path: Path) -> int:
+    """Count NaN/Inf voxels in a float NIfTI-1 file, read raw: ITK's reader turns them into 0."""
+    with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as handle:
+        raw = handle.read()
+    for order in "<>":
+        if len(raw) >= 348 and struct.unpack_from(f"{order}i", raw, 0)[0] == 348:
+            kind = _NIFTI_FLOAT_TYPES.get(struct.unpack_from(f"{order}h", raw, 70)[0])
+            if kind is None:
+                return 0
+            offset = int(struct.unpack_from(f"{order}f", raw, 108)[0])
+            data = np.frombuffer(raw, dtype=f"{order}{kind}", offset=offset,
+                                 count=(len(raw) - offset) // int(kind[1]))
+            return int((~np.isfinite(data)).sum())
+    return 0
+
+
 def read_volume(path: str | Path) -> sitk.Image:
     """Read a 3-D NIfTI CT volume (HU expected), oriented LPS, refusing NaN, constant or 4-D data."""
     path = Path(path)
@@ -212,8 +232,9 @@ def read_volume(path: str | Path) -> sitk.Image:
         raise InputError(path, f"truncated NIfTI: {have} bytes, the header needs {need}")
     check_spacing(path, _nifti_pixdim(path) or list(image.GetSpacing()))
     array = sitk.GetArrayViewFromImage(image)
-    if not np.isfinite(array).all():
-        raise InputError(path, "volume contains NaN or infinite values")
+    bad = int((~np.isfinite(array)).sum()) or _nifti_nonfinite(path)
+    if bad:
+        raise InputError(path, f"volume contains NaN or infinite values ({bad} voxels)")
     if array.min() == array.max():
         raise InputError(path, "volume is constant (no image content)")
     return sitk.DICOMOrient(image, "LPS")
