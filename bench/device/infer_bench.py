@@ -21,7 +21,6 @@ On the CPU (rehearsal) it runs the same code in float32 with what --size / --bat
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import statistics
@@ -30,16 +29,12 @@ from pathlib import Path
 
 import torch
 
+from covseg.training import autocast
+
 
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
-
-
-def autocast(dev: torch.device) -> contextlib.AbstractContextManager:
-    if dev.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def load_model(model_dir: str | None, features: tuple[int, ...]) -> tuple[torch.nn.Module, dict]:

@@ -43,16 +43,10 @@ PIP_PLATFORM = ["--no-deps", "--only-binary=:all:", "--python-version", "3.12", 
                 "--platform", "manylinux2014_x86_64", "--platform", "any"]
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def lungs_key(params: dict, ingest_dir: Path) -> str:
     """What the lungs-stage output depends on."""
+    from covseg.io import sha256_file as sha256
+
     parts = {k: params.get(k) for k in ("image_size", "max_slices_per_volume", "max_eval_slices")}
     parts["manifest"] = sha256(ingest_dir / "manifest.parquet")
     parts["code"] = {name: sha256(ROOT / "src" / "covseg" / name) for name in ("harmonise.py", "lungs.py", "io.py")}
@@ -164,6 +158,7 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT / "src"))
     from covseg.config import load_params
+    from covseg.io import sha256_file as sha256
 
     params = load_params(args.profile)
     ingest_dir = Path(args.ingest) if args.ingest else ROOT / params["artifacts_dir"] / "ingest"

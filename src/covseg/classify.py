@@ -27,7 +27,6 @@ from covseg.training import (
     checkpoint_path,
     device,
     fit,
-    run_key,
     save_model,
     seed_everything,
 )
@@ -110,7 +109,7 @@ def train_classifier(lungs_dir: str | Path, out_dir: str | Path, params: dict[st
     val = slices.rows("val", cfg["min_lung_fraction"])
     model, history = _train(slices, train, train["label"].to_numpy(), balanced_weights(train), cfg,
                             params["seed"],
-                            checkpoint_path(checkpoint_dir, "classifier", {**cfg, **run_key(params)}), "classify")
+                            checkpoint_path(checkpoint_dir, "classifier", cfg, params), "classify")
     val_auc = per_source_auc(val, predict_proba(model, slices, val["row"].to_numpy()))
     save_model(model.cpu(), out_dir / MODEL, {"width": cfg["width"], "seed": params["seed"],
                                              "profile": params["profile"]})
@@ -128,7 +127,7 @@ def source_probe(slices: SliceSet, params: dict[str, Any], checkpoint_dir: Path)
     is_hu = (train["domain"] == "hu").to_numpy().astype(float)
     weights = np.where(is_hu == 1, 1.0 / max(is_hu.sum(), 1), 1.0 / max((1 - is_hu).sum(), 1))
     model, _ = _train(slices, train, is_hu, weights, cfg, params["seed"] + 1,
-                      checkpoint_path(checkpoint_dir, "probe", {**cfg, **run_key(params)}), "source probe")
+                      checkpoint_path(checkpoint_dir, "probe", cfg, params), "source probe")
     scores = predict_proba(model, slices, val["row"].to_numpy())
     return {"source_auc_val": roc_auc(scores, (val["domain"] == "hu").to_numpy().astype(float)),
             "n_val_hu": int((val["domain"] == "hu").sum()), "n_val_8bit": int((val["domain"] != "hu").sum())}

@@ -14,6 +14,8 @@ import click
 from covseg.config import load_params, repo_root
 
 EXIT_BAD_INPUT = 2
+TABLE_ROWS = ("coarse", "fine", "final", "prior")
+"""Rows of the pipeline's evaluation table that the CLI prints (metrics.json holds more)."""
 
 
 def _friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -205,7 +207,7 @@ def evaluate_pipeline(profile: str | None) -> None:
     params = load_params(profile)
     p = _stage_paths(params)
     table = stages.evaluate(p["ingest"], p["lungs"], p["coarse"], p["mil"], p["segment"], p["evaluate"], params)
-    rows = {k: v for k, v in table.items() if k in ("coarse", "fine", "final", "prior")}
+    rows = {k: v for k, v in table.items() if k in TABLE_ROWS}
     click.echo("threshold 0.5\n" + _table(rows))
     click.echo("adaptive (Inf-Net: 2 x mean probability)\n" + _table({k: v["adaptive"] for k, v in rows.items()}))
 
@@ -345,7 +347,7 @@ def pipeline_run(local: bool, profile: str | None, data_path: str | None, data_v
         plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
         click.echo(f"error: pipeline failed: {plain[-1] if plain else exc}", err=True)
         sys.exit(1)
-    rows = {k: v for k, v in result["evaluation"].items() if k in ("coarse", "fine", "final", "prior")}
+    rows = {k: v for k, v in result["evaluation"].items() if k in TABLE_ROWS}
     click.echo(_table(rows))
     click.echo(f"model version {result['model_version'] or '-'}: {result['decision']}")
 

@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import SimpleITK as sitk
@@ -178,14 +179,25 @@ def _nifti_bytes(path: Path) -> int:
     return size
 
 
+def _open_nifti(path: Path) -> BinaryIO:
+    """A NIfTI file opened for reading bytes, decompressed on the fly when it is .gz."""
+    return (gzip.open if path.name.endswith(".gz") else open)(path, "rb")
+
+
+def _nifti1_order(header: bytes) -> str | None:
+    """The byte order ('<' or '>') of a NIfTI-1 header (sizeof_hdr = 348); None for other headers."""
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack_from(f"{order}i", header, 0)[0] == 348:
+            return order
+    return None
+
+
 def _nifti_pixdim(path: Path) -> list[float] | None:
     """pixdim[1..3] as stored in a NIfTI-1 header (ITK reads a zero as 1 mm); None for other headers."""
-    with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as handle:
+    with _open_nifti(path) as handle:
         header = handle.read(348)
-    for order in "<>":
-        if len(header) == 348 and struct.unpack_from(f"{order}i", header, 0)[0] == 348:
-            return [abs(v) for v in struct.unpack_from(f"{order}3f", header, 80)]
-    return None
+    order = _nifti1_order(header)
+    return None if order is None else [abs(v) for v in struct.unpack_from(f"{order}3f", header, 80)]
 
 
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
@@ -193,19 +205,19 @@ _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
 
 
 def _nifti_nonfinite(path: Path) -> int:
-    """Count NaN/Inf voxels in a float NIfTI-1 file, read raw: ITK's reader turns them into 0."""
-    with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as handle:
+    """Count NaN/Inf voxels in a float NIfTI-1 file, read raw: ITK's reader turns them into 0. Integer files
+    (which cannot hold them) cost only their header."""
+    with _open_nifti(path) as handle:
+        header = handle.read(348)
+        order = _nifti1_order(header)
+        kind = None if order is None else _NIFTI_FLOAT_TYPES.get(struct.unpack_from(f"{order}h", header, 70)[0])
+        if kind is None:
+            return 0
+        offset = int(struct.unpack_from(f"{order}f", header, 108)[0])
+        handle.seek(offset)
         raw = handle.read()
-    for order in "<>":
-        if len(raw) >= 348 and struct.unpack_from(f"{order}i", raw, 0)[0] == 348:
-            kind = _NIFTI_FLOAT_TYPES.get(struct.unpack_from(f"{order}h", raw, 70)[0])
-            if kind is None:
-                return 0
-            offset = int(struct.unpack_from(f"{order}f", raw, 108)[0])
-            data = np.frombuffer(raw, dtype=f"{order}{kind}", offset=offset,
-                                 count=(len(raw) - offset) // int(kind[1]))
-            return int((~np.isfinite(data)).sum())
-    return 0
+    data = np.frombuffer(raw, dtype=f"{order}{kind}", count=len(raw) // int(kind[1]))
+    return int((~np.isfinite(data)).sum())
 
 
 def read_volume(path: str | Path) -> sitk.Image:

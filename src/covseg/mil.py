@@ -33,7 +33,6 @@ from covseg.training import (
     device,
     fit,
     load_state,
-    run_key,
     save_model,
     seed_everything,
 )
@@ -159,7 +158,7 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
             losses.append(loss.item())
         return {"loss": float(np.mean(losses)), "active_bags": float(len(active))}
 
-    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint_path(checkpoint_dir, "mil", {**cfg, **run_key(params)}), "mil")
+    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint_path(checkpoint_dir, "mil", cfg, params), "mil")
     model.eval()
     save_model(model.cpu(), out_dir / MODEL, {"width": params["classify"]["width"], "grid": cfg["grid"],
                                              "patch": cfg["patch"], "init": cfg["init"]})
@@ -178,14 +177,12 @@ def mil_quality(model: MILNet, slices: SliceSet, params: dict[str, Any]) -> dict
     rows, labels = val["row"].to_numpy(), val["label"].to_numpy()
     probs = score_instances(model, slices, rows, cfg)
     bag_pred = (probs.max(axis=1) >= 0.5).astype(int)
-    negative = probs[labels == 0]
-    _, valid = to_patches(slices.tensor(rows[labels == 0]),
-                          torch.from_numpy(slices.lungs[rows[labels == 0]])[:, None], cfg["grid"], cfg["patch"])
+    neg_rows, negative = rows[labels == 0], probs[labels == 0]
+    lung = slices.lungs[neg_rows]
+    _, valid = to_patches(slices.tensor(neg_rows), torch.from_numpy(lung)[:, None], cfg["grid"], cfg["patch"])
     valid = valid.numpy()
     # the fine-label rule on lesion-free slices, Grad-CAM taken as 1 in the lung (they get no CAM): the most
     # permissive reading, and every pixel it keeps is wrong
-    neg_rows = rows[labels == 0]
-    lung = slices.lungs[neg_rows]
     kept = fuse(lung.astype(np.float32), lung, instance_map(negative, cfg["grid"], lung.shape[-1]), cfg) & lung
     kept &= lesion_prior(slices.images[neg_rows], params["fine"])
     return {"val_bag_accuracy": float((bag_pred == labels).mean()) if len(labels) else float("nan"),

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from covseg.harmonise import Geometry, canonical_slice, from_canonical
+from covseg.harmonise import Geometry, canonical_slice, from_canonical, to_8bit_look
 from covseg.segment import load_segmenter, segment_canonical
 
 
@@ -301,15 +301,6 @@ def _burden(lesion: np.ndarray, sides: np.ndarray, unit: float) -> dict[str, Any
     return out
 
 
-def _window(image: np.ndarray, domain: str) -> np.ndarray:
-    from covseg.harmonise import HU_WINDOW
-
-    if domain == "hu":
-        low, high = HU_WINDOW
-        return np.clip((image.astype(np.float32) - low) / (high - low), 0.0, 1.0)
-    return image.astype(np.float32) / 255.0
-
-
 def _pick_overlay(lesion_per_slice: np.ndarray, lung_per_slice: np.ndarray, n: int) -> list[int]:
     """The `n` most affected slices (by lesion voxels), in z order; the largest lung slices if none is."""
     score = lesion_per_slice if lesion_per_slice.any() else lung_per_slice
@@ -338,7 +329,7 @@ def write_overlay(path: str | Path, study: Study, lesion: np.ndarray, lung: np.n
     for axis in axes.ravel():
         axis.axis("off")
     for axis, z, title in zip(axes.ravel(), chosen, titles, strict=False):
-        axis.imshow(_window(study.slices[z], study.domain), cmap="gray", vmin=0, vmax=1, aspect=aspect,
+        axis.imshow(to_8bit_look(study.slices[z], study.domain), cmap="gray", vmin=0, vmax=255, aspect=aspect,
                     interpolation="nearest")
         if lesion[z].any():
             axis.imshow(np.ma.masked_where(~lesion[z], lesion[z]), cmap=red, alpha=0.45, aspect=aspect,

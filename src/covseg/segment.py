@@ -25,7 +25,6 @@ from covseg.training import (
     device,
     fit,
     load_state,
-    run_key,
     save_model,
     seed_everything,
 )
@@ -80,7 +79,7 @@ def train_segmenter(lungs_dir: str | Path, mil_dir: str | Path, out_dir: str | P
             losses.append(loss.item())
         return {"loss": float(np.mean(losses))}
 
-    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint_path(checkpoint_dir, "segmenter", {**cfg, **run_key(params)}), "segment")
+    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint_path(checkpoint_dir, "segmenter", cfg, params), "segment")
     save_model(model.cpu(), Path(out_dir) / MODEL, {"features": list(cfg["features"]),
                                                    "image_size": params["image_size"],
                                                    "seed": params["seed"], "profile": params["profile"],

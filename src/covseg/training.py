@@ -131,13 +131,14 @@ def fit(model: nn.Module, epochs: int, run_epoch: Callable[[int], dict[str, floa
     return history
 
 
-def checkpoint_path(folder: str | Path, name: str, config: dict[str, Any]) -> Path:
-    """`folder/<name>-<hash of config>.ckpt`: a checkpoint only resumes the run configured the same way."""
+def checkpoint_path(folder: str | Path, name: str, settings: dict[str, Any], params: dict[str, Any]) -> Path:
+    """`folder/<name>-<hash>.ckpt`, the hash over the stage's `settings` and `run_key(params)`: a checkpoint
+    only resumes the run configured the same way."""
     from covseg.config import params_hash
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{name}-{params_hash(config)}.ckpt"
+    return folder / f"{name}-{params_hash({**settings, **run_key(params)})}.ckpt"
 
 
 def save_model(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
