@@ -6,13 +6,14 @@ test's ``tmp_path`` before it is modified; nothing is ever written next to the o
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -276,3 +277,23 @@ def assert_refused(builder: Any, tmp_path: Path) -> None:
     assert lines == [f"error: {bad_path}: {info.value.problem}"], result.stderr
     assert result.stderr.replace("\r", "\n").strip().splitlines()[-1] == lines[0]
     assert leftovers(project / "artifacts") == []
+
+
+@contextlib.contextmanager
+def mlflow_at(uri: str) -> Iterator[Any]:
+    """MLflow (tracking and, by default, registry) pointed at `uri` inside the block; yields a client.
+
+    The explicitly set tracking URI and MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI are restored afterwards.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    before = getattr(tracking_utils, "_tracking_uri", None)  # explicit URI only, not the resolved default
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)  # restored (or removed) by the monkeypatch
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield mlflow.MlflowClient(uri, uri)
+        finally:
+            mlflow.set_tracking_uri(before)  # None also clears MLFLOW_TRACKING_URI; mp restores it after

@@ -20,6 +20,7 @@ import mlflow
 import mlflow.pyfunc
 import pytest
 import yaml
+from helpers import mlflow_at
 
 from covseg import registry
 from covseg.audit import AuditError, audit_diff, audit_versions, format_audit, format_diff
@@ -101,17 +102,8 @@ def data_repo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def client(mlflow_server: str) -> Iterator[mlflow.MlflowClient]:
     """Point MLflow at the session server inside this module only; restore afterwards."""
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    before = getattr(tracking_utils, "_tracking_uri", None)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
-        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-        mlflow.set_tracking_uri(mlflow_server)
-        try:
-            yield mlflow.MlflowClient(mlflow_server, mlflow_server)
-        finally:
-            mlflow.set_tracking_uri(before)
+    with mlflow_at(mlflow_server) as client:
+        yield client
 
 
 def _lineage(commit: str, md5: str, params: dict[str, Any], run: str) -> dict[str, str]:

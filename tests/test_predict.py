@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import MEDSEG, copy_file, series_files
+from helpers import MEDSEG, copy_file, mlflow_at, series_files
 
 from covseg.io import InputError, read_dicom_series, read_slice
 from covseg.predict import (
@@ -227,19 +227,10 @@ def test_output_folder_is_guarded(series: Path, jpeg: Path, segmenter: LesionSeg
 
 
 @pytest.fixture
-def tracking(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+def tracking(mlflow_server: str) -> Any:
     """MLflow pointed at the session server for one test (tracking URI restored afterwards)."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    before = getattr(tracking_utils, "_tracking_uri", None)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    mlflow.set_tracking_uri(mlflow_server)
-    try:
-        yield mlflow.MlflowClient(mlflow_server, mlflow_server)
-    finally:
-        mlflow.set_tracking_uri(before)
+    with mlflow_at(mlflow_server) as client:
+        yield client
 
 
 def test_mlflow_pyfunc_gives_the_cli_mask(tracking: Any, model_dir: Path, jpeg: Path,

@@ -19,6 +19,7 @@ import mlflow.pyfunc
 import numpy as np
 import pytest
 import torch
+from helpers import mlflow_at
 
 from covseg import registry
 from covseg.registry import (
@@ -90,17 +91,8 @@ def _unique(prefix: str) -> str:
 @pytest.fixture(scope="module")
 def client(mlflow_server: str) -> Iterator[mlflow.MlflowClient]:
     """Point MLflow (tracking and, by default, registry) at the session server; restore afterwards."""
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    before = getattr(tracking_utils, "_tracking_uri", None)  # explicit URI only, not the resolved default
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
-        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # restored (or removed) by the monkeypatch
-        mlflow.set_tracking_uri(mlflow_server)
-        try:
-            yield mlflow.MlflowClient(mlflow_server, mlflow_server)
-        finally:
-            mlflow.set_tracking_uri(before)  # None also clears MLFLOW_TRACKING_URI; mp restores it after
+    with mlflow_at(mlflow_server) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
