@@ -136,3 +136,23 @@ def test_tissue_ceiling_hides_soft_tissue_from_the_weak_localisers_only() -> Non
     assert seen[0, 0].tolist() == [[pytest.approx(0.1), pytest.approx(0.3)], [0.0, 0.0]]
     assert SliceSet(images, lungs, index).tensor(np.array([0]))[0, 0, 1, 1] == pytest.approx(0.7)
     assert images[0, 1, 1] == pytest.approx(0.7)  # the stored images (segmenter input, prior) are untouched
+
+
+def test_resident_slices_give_the_same_batches_as_the_host_path() -> None:
+    """SliceSet.to(dev) (the GPU loops gather batches on the device) must not change what a batch holds."""
+    import torch
+
+    from covseg.training import SliceSet
+
+    rng = np.random.default_rng(0)
+    images = rng.random((6, 8, 8), dtype=np.float32)
+    lungs = rng.random((6, 8, 8)) > 0.3
+    index = pd.DataFrame({"row": range(6)})
+    rows = np.array([4, 1, 1, 5])
+    host = SliceSet(images, lungs, index, tissue_ceiling=0.55)
+    resident = SliceSet(images.copy(), lungs.copy(), index, tissue_ceiling=0.55).to(torch.device("cpu"))
+    assert torch.equal(host.tensor(rows), resident.tensor(rows))
+    assert torch.equal(host.lung_tensor(rows), resident.lung_tensor(rows))
+    assert resident.tensor(rows).shape == (4, 1, 8, 8) and resident.lung_tensor(rows).dtype == torch.bool
+    assert float(resident.tensor(rows).max()) < 0.55  # the ceiling applies to the resident copy too
+    np.testing.assert_array_equal(resident.images, images)  # ... and not to the stored images

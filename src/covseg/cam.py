@@ -95,8 +95,9 @@ def coarse_labels(lungs_dir: str | Path, classify_dir: str | Path, out_dir: str 
                   params: dict[str, Any]) -> pd.DataFrame:
     """Write soft CAM maps + thresholded coarse masks (`coarse.npz`) and per-slice stats (`coarse.parquet`)."""
     cfg = params["coarse"]
-    slices = SliceSet.load(lungs_dir, params["classify"].get("tissue_ceiling"))
-    model = load_classifier(classify_dir).to(device())
+    dev = device()
+    slices = SliceSet.load(lungs_dir, params["classify"].get("tissue_ceiling")).to(dev)
+    model = load_classifier(classify_dir).to(dev)
     rows = cam_rows(slices.index)
     positions = rows["row"].to_numpy()
     size = slices.images.shape[-1]

@@ -79,21 +79,21 @@ def _train(slices: SliceSet, train_rows: pd.DataFrame, targets: np.ndarray, weig
     model = SliceClassifier(width=cfg["width"]).to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=1e-4)
     rng = np.random.default_rng(seed)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=dev).manual_seed(seed)
     positions = train_rows["row"].to_numpy()
 
     def run_epoch(epoch: int) -> dict[str, float]:
         losses = []
         for chosen in batches(len(positions), cfg["batch_size"], weights, rng, cfg["draws_per_epoch"]):
-            x = augment(slices.tensor(positions[chosen]).to(dev), generator)
+            x = augment(slices.tensor(positions[chosen]), generator)
             y = torch.as_tensor(targets[chosen], dtype=torch.float32, device=dev)
             with autocast(dev):
                 loss = F.binary_cross_entropy_with_logits(model(x).float().squeeze(1), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(loss.item())
-        return {"loss": float(np.mean(losses))}
+            losses.append(loss.detach())  # read once per epoch: a .item() per step stalls the GPU queue
+        return {"loss": torch.stack(losses).mean().item()}
 
     history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint, desc)
     return model.eval(), history
@@ -103,7 +103,7 @@ def train_classifier(lungs_dir: str | Path, out_dir: str | Path, params: dict[st
                      checkpoint_dir: str | Path) -> dict[str, Any]:
     """Train the slice classifier on the train split; report per-source validation AUC and the probe."""
     cfg = params["classify"]
-    slices = SliceSet.load(lungs_dir, params["classify"].get("tissue_ceiling"))
+    slices = SliceSet.load(lungs_dir, params["classify"].get("tissue_ceiling")).to(device())
     out_dir, checkpoint_dir = Path(out_dir), Path(checkpoint_dir)
     train = slices.rows("train", cfg["min_lung_fraction"])
     val = slices.rows("val", cfg["min_lung_fraction"])

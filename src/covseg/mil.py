@@ -102,8 +102,8 @@ def score_instances(model: MILNet, slices: SliceSet, rows: np.ndarray, cfg: dict
     out = []
     for start in range(0, len(rows), 32):
         chunk = rows[start:start + 32]
-        patches, valid = to_patches(slices.tensor(chunk).to(dev),
-                                    torch.from_numpy(slices.lungs[chunk])[:, None].to(dev), cfg["grid"], cfg["patch"])
+        patches, valid = to_patches(slices.tensor(chunk).to(dev), slices.lung_tensor(chunk).to(dev),
+                                    cfg["grid"], cfg["patch"])
         with autocast(dev):
             _, instance = model(patches.to(dev), valid.to(dev))
         out.append((torch.sigmoid(instance.float()) * valid).cpu().numpy())
@@ -115,9 +115,9 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
     """Train the MIL network with the curriculum; write fine labels (`fine.npz`) and their stats."""
     cfg = params["mil"]
     seed_everything(params["seed"])
-    slices = SliceSet.load(lungs_dir, params["classify"].get("tissue_ceiling"))
-    out_dir, checkpoint_dir = Path(out_dir), Path(checkpoint_dir)
     dev = device()
+    slices = SliceSet.load(lungs_dir, params["classify"].get("tissue_ceiling")).to(dev)
+    out_dir, checkpoint_dir = Path(out_dir), Path(checkpoint_dir)
     classifier = load_classifier(classify_dir).to(dev)
     min_lung = params["classify"]["min_lung_fraction"]
     bags = slices.rows("train", min_lung)
@@ -144,10 +144,10 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
             picked = bag_rows[active[chosen]]
             x = slices.tensor(picked)
             flip = rng.random() < 0.5
-            lung = torch.from_numpy(slices.lungs[picked])[:, None]
+            lung = slices.lung_tensor(picked)
             if flip:
                 x, lung = x.flip(-1), lung.flip(-1)
-            patches, valid = to_patches(x.to(dev), lung.to(dev), cfg["grid"], cfg["patch"])
+            patches, valid = to_patches(x, lung, cfg["grid"], cfg["patch"])
             y = torch.as_tensor(labels[chosen], dtype=torch.float32, device=dev)
             with autocast(dev):
                 bag, _ = model(patches.to(dev), valid.to(dev))
@@ -155,8 +155,8 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(loss.item())
-        return {"loss": float(np.mean(losses)), "active_bags": float(len(active))}
+            losses.append(loss.detach())  # read once per epoch (see classify)
+        return {"loss": torch.stack(losses).mean().item(), "active_bags": float(len(active))}
 
     history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint_path(checkpoint_dir, "mil", cfg, params), "mil")
     model.eval()
@@ -179,8 +179,8 @@ def mil_quality(model: MILNet, slices: SliceSet, params: dict[str, Any]) -> dict
     bag_pred = (probs.max(axis=1) >= 0.5).astype(int)
     neg_rows, negative = rows[labels == 0], probs[labels == 0]
     lung = slices.lungs[neg_rows]
-    _, valid = to_patches(slices.tensor(neg_rows), torch.from_numpy(lung)[:, None], cfg["grid"], cfg["patch"])
-    valid = valid.numpy()
+    _, valid = to_patches(slices.tensor(neg_rows), slices.lung_tensor(neg_rows), cfg["grid"], cfg["patch"])
+    valid = valid.cpu().numpy()
     # the fine-label rule on lesion-free slices, Grad-CAM taken as 1 in the lung (they get no CAM): the most
     # permissive reading, and every pixel it keeps is wrong
     kept = fuse(lung.astype(np.float32), lung, instance_map(negative, cfg["grid"], lung.shape[-1]), cfg) & lung

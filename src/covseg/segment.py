@@ -46,29 +46,28 @@ def train_segmenter(lungs_dir: str | Path, mil_dir: str | Path, out_dir: str | P
     git commit, data version, params hash, pipeline run, so a model folder says what it was trained on)."""
     cfg = params["segment"]
     seed_everything(params["seed"])
-    slices = SliceSet.load(lungs_dir)
-    fine = np.load(Path(mil_dir) / FINE)["fine"]
+    dev = device()
+    slices = SliceSet.load(lungs_dir).to(dev)
+    fine = torch.from_numpy(np.load(Path(mil_dir) / FINE)["fine"]).to(dev)
     train = slices.rows("train", params["classify"]["min_lung_fraction"])
     rows, labels = train["row"].to_numpy(), train["label"].to_numpy()
     weights = np.where(labels == 1, 1.0 / max(labels.sum(), 1), cfg["negative_share"] / max((1 - labels).sum(), 1))
-    dev = device()
     model = build_segmenter(tuple(cfg["features"])).to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=1e-4)
     rng = np.random.default_rng(params["seed"])
-    generator = torch.Generator().manual_seed(params["seed"])
+    generator = torch.Generator(device=dev).manual_seed(params["seed"])
 
     def run_epoch(epoch: int) -> dict[str, float]:
         losses = []
         for chosen in batches(len(rows), cfg["batch_size"], weights, rng, cfg["draws_per_epoch"]):
-            picked = rows[chosen]
+            picked = rows[chosen]  # gathered and augmented on `dev` (see SliceSet.to)
             x = slices.tensor(picked)
-            y = torch.from_numpy(fine[picked]).float()[:, None]
-            region = torch.from_numpy(slices.lungs[picked]).float()[:, None]
-            flip = torch.rand(len(picked), generator=generator) < 0.5
+            y = fine[torch.as_tensor(picked, device=dev)].float()[:, None]
+            region = slices.lung_tensor(picked).float()
+            flip = torch.rand(len(picked), generator=generator, device=dev) < 0.5
             x, y, region = (torch.where(flip[:, None, None, None], t.flip(-1), t) for t in (x, y, region))
-            gain = 1.0 + 0.1 * (torch.rand(len(picked), 1, 1, 1, generator=generator) * 2 - 1)
+            gain = 1.0 + 0.1 * (torch.rand(len(picked), 1, 1, 1, generator=generator, device=dev) * 2 - 1)
             x = (x * gain).clamp(0, 1) * region
-            x, y, region = x.to(dev), y.to(dev), region.to(dev)
             with autocast(dev):
                 logits = model(x).float()
             bce = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * region).sum() / region.sum()
@@ -76,8 +75,8 @@ def train_segmenter(lungs_dir: str | Path, mil_dir: str | Path, out_dir: str | P
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(loss.item())
-        return {"loss": float(np.mean(losses))}
+            losses.append(loss.detach())  # read once per epoch (see classify)
+        return {"loss": torch.stack(losses).mean().item()}
 
     history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint_path(checkpoint_dir, "segmenter", cfg, params), "segment")
     save_model(model.cpu(), Path(out_dir) / MODEL, {"features": list(cfg["features"]),

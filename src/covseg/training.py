@@ -7,7 +7,7 @@ import contextlib
 import json
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ class SliceSet:
     tissue_ceiling: float | None = None
     """When set, `tensor` zeroes pixels at or above it (soft tissue the generous lung mask takes in), so the
     weak localisers (classifier, Grad-CAM, MIL) see parenchyma, not mediastinum; `images` stay as they are."""
+    _resident: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def load(cls, lungs_dir: str | Path, tissue_ceiling: float | None = None) -> SliceSet:
@@ -57,29 +58,52 @@ class SliceSet:
         return cls(arrays["image"].astype(np.float32), arrays["lung"], pd.read_parquet(lungs_dir / INDEX),
                    tissue_ceiling)
 
+    def to(self, dev: torch.device) -> SliceSet:
+        """Keep the model inputs (tissue ceiling applied) and the lung masks as tensors on `dev`, so that
+        `tensor` and `lung_tensor` gather batches there: no per-batch numpy work or host-to-GPU copy (the
+        training loops on the H100 were bound by that, bench/README.md). Returns self."""
+        self._resident = (torch.from_numpy(self._masked(self.images)).to(dev), torch.from_numpy(self.lungs).to(dev))
+        return self
+
     def rows(self, split: str, min_lung_fraction: float = 0.0) -> pd.DataFrame:
         """Index rows of one split whose lung mask covers at least `min_lung_fraction` of the slice."""
         sel = (self.index["split"] == split) & (self.index["lung_fraction"] >= min_lung_fraction)
         return self.index[sel]
 
     def tensor(self, rows: np.ndarray) -> torch.Tensor:
-        """(B,1,S,S) float tensor of the lung-masked images of `rows` (soft tissue zeroed, see tissue_ceiling)."""
-        images = self.images[rows]
-        if self.tissue_ceiling is not None:
-            images = np.where(images >= self.tissue_ceiling, 0.0, images).astype(np.float32)
-        return torch.from_numpy(images)[:, None]
+        """(B,1,S,S) float tensor of the lung-masked images of `rows` (soft tissue zeroed, see tissue_ceiling),
+        on the device given to `to` (else the CPU)."""
+        if self._resident is not None:
+            images = self._resident[0]
+            return images[torch.as_tensor(rows, device=images.device)][:, None]
+        return torch.from_numpy(self._masked(self.images[rows]))[:, None]
+
+    def lung_tensor(self, rows: np.ndarray) -> torch.Tensor:
+        """(B,1,S,S) bool lung masks of `rows`, on the device given to `to` (else the CPU)."""
+        if self._resident is not None:
+            lungs = self._resident[1]
+            return lungs[torch.as_tensor(rows, device=lungs.device)][:, None]
+        return torch.from_numpy(self.lungs[rows])[:, None]
+
+    def _masked(self, images: np.ndarray) -> np.ndarray:
+        if self.tissue_ceiling is None:
+            return images
+        return np.where(images >= self.tissue_ceiling, 0.0, images).astype(np.float32)
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Left-right flips, contrast/brightness jitter and noise (keeps zeros outside the lungs at zero)."""
-    batch, dev = x.shape[0], x.device  # draws from the CPU generator, applied where x lives
+    """Left-right flips, contrast/brightness jitter and noise (keeps zeros outside the lungs at zero).
+
+    Draws come from `generator` on its own device (make it on x's device: noise drawn on the CPU and copied
+    is most of a GPU step's cost) and are applied where x lives."""
+    batch, dev, gen_dev = x.shape[0], x.device, generator.device
     inside = (x > 0).float()
-    flip = (torch.rand(batch, generator=generator) < 0.5).to(dev)
+    flip = (torch.rand(batch, generator=generator, device=gen_dev) < 0.5).to(dev)
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     inside = torch.where(flip[:, None, None, None], inside.flip(-1), inside)
-    gain = (1.0 + 0.15 * (torch.rand(batch, 1, 1, 1, generator=generator) * 2 - 1)).to(dev)
-    bias = (0.04 * (torch.rand(batch, 1, 1, 1, generator=generator) * 2 - 1)).to(dev)
-    noise = (0.02 * torch.randn(x.shape, generator=generator)).to(dev)
+    gain = (1.0 + 0.15 * (torch.rand(batch, 1, 1, 1, generator=generator, device=gen_dev) * 2 - 1)).to(dev)
+    bias = (0.04 * (torch.rand(batch, 1, 1, 1, generator=generator, device=gen_dev) * 2 - 1)).to(dev)
+    noise = (0.02 * torch.randn(x.shape, generator=generator, device=gen_dev)).to(dev)
     return ((x * gain + bias + noise).clamp(0, 1)) * inside
 
 
