@@ -418,6 +418,26 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+def test_checkpoint_resumes_only_when_nothing_upstream_changed(tmp_path: Path) -> None:
+    """A killed MIL run must not resume after an upstream parameter or an upstream output changed."""
+    import os
+
+    from covseg.config import load_params
+    from covseg.training import checkpoint_path
+
+    params = load_params("tiny")
+    upstream = tmp_path / "classify"
+    upstream.mkdir()
+    (upstream / "classifier.pt").write_bytes(b"weights")
+    name = checkpoint_path(tmp_path / "ckpt", "mil", params, [upstream])
+    assert checkpoint_path(tmp_path / "ckpt", "mil", params, [upstream]) == name  # same run: resumes
+    changed = {**params, "classify": {**params["classify"], "tissue_ceiling": 0.6}}  # not a MIL setting
+    assert checkpoint_path(tmp_path / "ckpt", "mil", changed, [upstream]) != name
+    stat = (upstream / "classifier.pt").stat()
+    os.utime(upstream / "classifier.pt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # retrained
+    assert checkpoint_path(tmp_path / "ckpt", "mil", params, [upstream]) != name
+
+
 def test_dvc_push_with_s3_down_fails_bounded_then_succeeds_when_back(moto_server: Any, tmp_path: Path) -> None:
     """Endpoint refused: botocore's bounded retries, then one readable ERROR line and exit != 0."""
     require_shared()

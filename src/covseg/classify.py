@@ -109,16 +109,18 @@ def train_classifier(lungs_dir: str | Path, out_dir: str | Path, params: dict[st
     val = slices.rows("val", cfg["min_lung_fraction"])
     model, history = _train(slices, train, train["label"].to_numpy(), balanced_weights(train), cfg,
                             params["seed"],
-                            checkpoint_path(checkpoint_dir, "classifier", cfg, params), "classify")
+                            checkpoint_path(checkpoint_dir, "classifier", params, [lungs_dir]), "classify")
     val_auc = per_source_auc(val, predict_proba(model, slices, val["row"].to_numpy()))
     save_model(model.cpu(), out_dir / MODEL, {"width": cfg["width"], "seed": params["seed"],
                                              "profile": params["profile"]})
-    probe = source_probe(slices, params, checkpoint_dir) if cfg["probe_epochs"] > 0 else {}
+    probe = {}
+    if cfg["probe_epochs"] > 0:
+        probe = source_probe(slices, params, checkpoint_path(checkpoint_dir, "probe", params, [lungs_dir]))
     return {"history": history, "val_auc": val_auc, "probe": probe,
             "n_train": len(train), "n_val": len(val)}
 
 
-def source_probe(slices: SliceSet, params: dict[str, Any], checkpoint_dir: Path) -> dict[str, float]:
+def source_probe(slices: SliceSet, params: dict[str, Any], checkpoint: Path) -> dict[str, float]:
     """How well can the classifier's architecture tell HU slices from JPEG slices? (positives only)."""
     cfg = dict(params["classify"], epochs=params["classify"]["probe_epochs"])
     train = slices.rows("train", cfg["min_lung_fraction"])
@@ -127,7 +129,7 @@ def source_probe(slices: SliceSet, params: dict[str, Any], checkpoint_dir: Path)
     is_hu = (train["domain"] == "hu").to_numpy().astype(float)
     weights = np.where(is_hu == 1, 1.0 / max(is_hu.sum(), 1), 1.0 / max((1 - is_hu).sum(), 1))
     model, _ = _train(slices, train, is_hu, weights, cfg, params["seed"] + 1,
-                      checkpoint_path(checkpoint_dir, "probe", cfg, params), "source probe")
+                      checkpoint, "source probe")
     scores = predict_proba(model, slices, val["row"].to_numpy())
     return {"source_auc_val": roc_auc(scores, (val["domain"] == "hu").to_numpy().astype(float)),
             "n_val_hu": int((val["domain"] == "hu").sum()), "n_val_8bit": int((val["domain"] != "hu").sum())}

@@ -158,7 +158,8 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
             losses.append(loss.detach())  # read once per epoch (see classify)
         return {"loss": torch.stack(losses).mean().item(), "active_bags": float(len(active))}
 
-    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint_path(checkpoint_dir, "mil", cfg, params), "mil")
+    checkpoint = checkpoint_path(checkpoint_dir, "mil", params, [lungs_dir, classify_dir, coarse_dir])
+    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint, "mil")
     model.eval()
     save_model(model.cpu(), out_dir / MODEL, {"width": params["classify"]["width"], "grid": cfg["grid"],
                                              "patch": cfg["patch"], "init": cfg["init"]})

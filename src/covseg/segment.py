@@ -78,7 +78,8 @@ def train_segmenter(lungs_dir: str | Path, mil_dir: str | Path, out_dir: str | P
             losses.append(loss.detach())  # read once per epoch (see classify)
         return {"loss": torch.stack(losses).mean().item()}
 
-    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint_path(checkpoint_dir, "segmenter", cfg, params), "segment")
+    checkpoint = checkpoint_path(checkpoint_dir, "segmenter", params, [lungs_dir, mil_dir])
+    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint, "segment")
     save_model(model.cpu(), Path(out_dir) / MODEL, {"features": list(cfg["features"]),
                                                    "image_size": params["image_size"],
                                                    "seed": params["seed"], "profile": params["profile"],

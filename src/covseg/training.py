@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,14 +155,17 @@ def fit(model: nn.Module, epochs: int, run_epoch: Callable[[int], dict[str, floa
     return history
 
 
-def checkpoint_path(folder: str | Path, name: str, settings: dict[str, Any], params: dict[str, Any]) -> Path:
-    """`folder/<name>-<hash>.ckpt`, the hash over the stage's `settings` and `run_key(params)`: a checkpoint
-    only resumes the run configured the same way."""
+def checkpoint_path(folder: str | Path, name: str, params: dict[str, Any], inputs: Sequence[str | Path]) -> Path:
+    """`folder/<name>-<hash>.ckpt`, the hash over all of `params` and the files of the `inputs` folders (name,
+    size, mtime): a killed run resumes only when nothing upstream changed either (an upstream parameter, a
+    retrained classifier, new data), not just the stage's own settings."""
     from covseg.config import params_hash
 
+    files = sorted(f for d in inputs for f in Path(d).iterdir() if f.is_file())
+    fingerprint = [[f.parent.name, f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{name}-{params_hash({**settings, **run_key(params)})}.ckpt"
+    return folder / f"{name}-{params_hash({'params': params, 'inputs': fingerprint})}.ckpt"
 
 
 def save_model(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
@@ -175,9 +178,3 @@ def load_state(model: nn.Module, path: Path) -> nn.Module:
     """Load weights saved by `save_model` (weights_only: no pickled code is executed)."""
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
-
-
-def run_key(params: dict[str, Any]) -> dict[str, Any]:
-    """What besides a stage's own settings decides its training run (part of the checkpoint name)."""
-    return {"seed": params["seed"], "profile": params["profile"], "image_size": params["image_size"],
-            "max_slices_per_volume": params.get("max_slices_per_volume", 0)}
