@@ -78,6 +78,20 @@ def test_curriculum_grows_from_easy_to_all(epochs: int) -> None:
         assert set(first) == {1, 5}  # the easiest positive and the easiest negative
 
 
+def test_bag_difficulty_ranks_bags_whose_probability_saturated() -> None:
+    """Confident positives (sigmoid = 1.0 in float32 beyond logit ~17) must still be ordered by margin."""
+    import torch
+
+    from covseg.mil import bag_difficulty
+
+    logits = np.array([30.0, 18.0, 25.0, -40.0, -20.0], dtype=np.float32)
+    labels = np.array([1, 1, 1, 0, 0])
+    assert torch.sigmoid(torch.from_numpy(logits[:3])).eq(1.0).all()  # all three tie as probabilities
+    difficulty = bag_difficulty(logits, labels)
+    assert list(np.argsort(difficulty[:3])) == [0, 2, 1]  # the largest margin is the easiest
+    assert difficulty[3] < difficulty[4]  # the most confident negative is the easiest
+
+
 def test_otsu_threshold_splits_the_lung_and_ignores_flat_maps() -> None:
     from covseg.cam import otsu_in_lung, threshold_maps
 

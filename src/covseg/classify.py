@@ -45,16 +45,21 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def predict_proba(model: torch.nn.Module, slices: SliceSet, rows: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Sigmoid lesion probability for each index row in `rows`."""
+def predict_logits(model: torch.nn.Module, slices: SliceSet, rows: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Lesion logit for each index row in `rows` (rankable where the probability has saturated to 1.0)."""
     dev = next(model.parameters()).device
     model.eval()
     out = []
     for start in range(0, len(rows), batch_size):
         x = slices.tensor(rows[start:start + batch_size]).to(dev)
         with autocast(dev):
-            out.append(torch.sigmoid(model(x).float()).squeeze(1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
+            out.append(model(x).float().squeeze(1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def predict_proba(model: torch.nn.Module, slices: SliceSet, rows: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Sigmoid lesion probability for each index row in `rows`."""
+    return torch.sigmoid(torch.from_numpy(predict_logits(model, slices, rows, batch_size))).numpy()
 
 
 def per_source_auc(index: pd.DataFrame, proba: np.ndarray) -> dict[str, float]:
