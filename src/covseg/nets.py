@@ -45,10 +45,13 @@ class SliceClassifier(nn.Module):
         self.encoder = Encoder(width)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * self.encoder.channels, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 2C) average + max pooled encoder features: what the head reads (bench/feature_probe.py)."""
         features = self.encoder(x)
-        pooled = torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
-        return self.head(pooled)
+        return torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pooled(x))
 
 
 class MILNet(nn.Module):
