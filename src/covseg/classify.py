@@ -26,6 +26,8 @@ from covseg.training import (
     batches,
     checkpoint_path,
     device,
+    device_index,
+    epoch_mean,
     fit,
     save_model,
     seed_everything,
@@ -45,19 +47,21 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, slices: SliceSet, rows: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Lesion logit for each index row in `rows` (rankable where the probability has saturated to 1.0)."""
+def predict_logits(model: SliceClassifier, slices: SliceSet, rows: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Lesion logit for each index row in `rows` (rankable where the probability has saturated to 1.0: the
+    head runs in float32 outside autocast, since bf16 keeps only ~128 distinct values per doubling)."""
     dev = next(model.parameters()).device
     model.eval()
     out = []
     for start in range(0, len(rows), batch_size):
         x = slices.tensor(rows[start:start + batch_size]).to(dev)
         with autocast(dev):
-            out.append(model(x).float().squeeze(1).cpu().numpy())
+            pooled = model.pooled(x)
+        out.append(model.head(pooled.float()).squeeze(1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
-def predict_proba(model: torch.nn.Module, slices: SliceSet, rows: np.ndarray, batch_size: int = 64) -> np.ndarray:
+def predict_proba(model: SliceClassifier, slices: SliceSet, rows: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Sigmoid lesion probability for each index row in `rows`."""
     return torch.sigmoid(torch.from_numpy(predict_logits(model, slices, rows, batch_size))).numpy()
 
@@ -86,19 +90,20 @@ def _train(slices: SliceSet, train_rows: pd.DataFrame, targets: np.ndarray, weig
     rng = np.random.default_rng(seed)
     generator = torch.Generator(device=dev).manual_seed(seed)
     positions = train_rows["row"].to_numpy()
+    targets_on_dev = torch.as_tensor(targets, dtype=torch.float32).to(dev)
 
     def run_epoch(epoch: int) -> dict[str, float]:
         losses = []
         for chosen in batches(len(positions), cfg["batch_size"], weights, rng, cfg["draws_per_epoch"]):
-            x = augment(slices.tensor(positions[chosen]), generator)
-            y = torch.as_tensor(targets[chosen], dtype=torch.float32, device=dev)
+            x = augment(slices.tensor(positions[chosen]).to(dev), generator)  # resident: no copy
+            y = targets_on_dev[device_index(chosen, dev)]
             with autocast(dev):
                 loss = F.binary_cross_entropy_with_logits(model(x).float().squeeze(1), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(loss.detach())  # read once per epoch: a .item() per step stalls the GPU queue
-        return {"loss": torch.stack(losses).mean().item()}
+            losses.append(loss.detach())
+        return {"loss": epoch_mean(losses)}
 
     history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint, desc)
     return model.eval(), history

@@ -31,6 +31,8 @@ from covseg.training import (
     batches,
     checkpoint_path,
     device,
+    device_index,
+    epoch_mean,
     fit,
     load_state,
     save_model,
@@ -144,6 +146,7 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
                          "positives": int(bag_labels[active].sum()),
                          "max_difficulty": float(difficulty[active].max())})
         labels = bag_labels[active]
+        labels_on_dev = torch.as_tensor(labels, dtype=torch.float32).to(dev)
         weights = np.where(labels == 1, 1.0 / max(labels.sum(), 1), 1.0 / max((1 - labels).sum(), 1))
         losses = []
         for chosen in batches(len(active), cfg["batch_size"], weights, rng, cfg["draws_per_epoch"]):
@@ -154,15 +157,15 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
             if flip:
                 x, lung = x.flip(-1), lung.flip(-1)
             patches, valid = to_patches(x, lung, cfg["grid"], cfg["patch"])
-            y = torch.as_tensor(labels[chosen], dtype=torch.float32, device=dev)
+            y = labels_on_dev[device_index(chosen, dev)]
             with autocast(dev):
                 bag, _ = model(patches.to(dev), valid.to(dev))
                 loss = F.binary_cross_entropy_with_logits(bag.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(loss.detach())  # read once per epoch (see classify)
-        return {"loss": torch.stack(losses).mean().item(), "active_bags": float(len(active))}
+            losses.append(loss.detach())
+        return {"loss": epoch_mean(losses), "active_bags": float(len(active))}
 
     checkpoint = checkpoint_path(checkpoint_dir, "mil", params, [lungs_dir, classify_dir, coarse_dir])
     history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint, "mil")

@@ -46,7 +46,7 @@ class SliceClassifier(nn.Module):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * self.encoder.channels, 1))
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 2C) average + max pooled encoder features: what the head reads (bench/feature_probe.py)."""
+        """(B, 2C) average + max pooled encoder features: what the head reads (predict_logits, feature_probe)."""
         features = self.encoder(x)
         return torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
 

@@ -23,6 +23,8 @@ from covseg.training import (
     batches,
     checkpoint_path,
     device,
+    device_index,
+    epoch_mean,
     fit,
     load_state,
     save_model,
@@ -61,9 +63,9 @@ def train_segmenter(lungs_dir: str | Path, mil_dir: str | Path, out_dir: str | P
         losses = []
         for chosen in batches(len(rows), cfg["batch_size"], weights, rng, cfg["draws_per_epoch"]):
             picked = rows[chosen]  # gathered and augmented on `dev` (see SliceSet.to)
-            x = slices.tensor(picked)
-            y = fine[torch.as_tensor(picked, device=dev)].float()[:, None]
-            region = slices.lung_tensor(picked).float()
+            x = slices.tensor(picked).to(dev)
+            y = fine[device_index(picked, dev)].float()[:, None]
+            region = slices.lung_tensor(picked).float().to(dev)
             flip = torch.rand(len(picked), generator=generator, device=dev) < 0.5
             x, y, region = (torch.where(flip[:, None, None, None], t.flip(-1), t) for t in (x, y, region))
             gain = 1.0 + 0.1 * (torch.rand(len(picked), 1, 1, 1, generator=generator, device=dev) * 2 - 1)
@@ -75,8 +77,8 @@ def train_segmenter(lungs_dir: str | Path, mil_dir: str | Path, out_dir: str | P
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(loss.detach())  # read once per epoch (see classify)
-        return {"loss": torch.stack(losses).mean().item()}
+            losses.append(loss.detach())
+        return {"loss": epoch_mean(losses)}
 
     checkpoint = checkpoint_path(checkpoint_dir, "segmenter", params, [lungs_dir, mil_dir])
     history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint, "segment")

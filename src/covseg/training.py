@@ -61,7 +61,8 @@ class SliceSet:
     def to(self, dev: torch.device) -> SliceSet:
         """Keep the model inputs (tissue ceiling applied) and the lung masks as tensors on `dev`, so that
         `tensor` and `lung_tensor` gather batches there: no per-batch numpy work or host-to-GPU copy (the
-        training loops on the H100 were bound by that, bench/README.md). Returns self."""
+        training loops on the H100 were bound by that, bench/README.md; only the batch's row indices travel,
+        see `device_index`). Returns self."""
         self._resident = (torch.from_numpy(self._masked(self.images)).to(dev), torch.from_numpy(self.lungs).to(dev))
         return self
 
@@ -75,20 +76,33 @@ class SliceSet:
         on the device given to `to` (else the CPU)."""
         if self._resident is not None:
             images = self._resident[0]
-            return images[torch.as_tensor(rows, device=images.device)][:, None]
+            return images[device_index(rows, images.device)][:, None]
         return torch.from_numpy(self._masked(self.images[rows]))[:, None]
 
     def lung_tensor(self, rows: np.ndarray) -> torch.Tensor:
         """(B,1,S,S) bool lung masks of `rows`, on the device given to `to` (else the CPU)."""
         if self._resident is not None:
             lungs = self._resident[1]
-            return lungs[torch.as_tensor(rows, device=lungs.device)][:, None]
+            return lungs[device_index(rows, lungs.device)][:, None]
         return torch.from_numpy(self.lungs[rows])[:, None]
 
     def _masked(self, images: np.ndarray) -> np.ndarray:
         if self.tissue_ceiling is None:
             return images
         return np.where(images >= self.tissue_ceiling, 0.0, images).astype(np.float32)
+
+
+def device_index(index: np.ndarray, dev: torch.device) -> torch.Tensor:
+    """A numpy index array as a long tensor on `dev`. On CUDA through pinned memory, non-blocking: a plain
+    copy from pageable memory synchronises the stream, which would stall every training step."""
+    tensor = torch.as_tensor(np.asarray(index), dtype=torch.long)
+    return tensor.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else tensor
+
+
+def epoch_mean(losses: list[torch.Tensor]) -> float:
+    """Mean of an epoch's detached step losses, read from the device once (a `.item()` per step would
+    synchronise every step); float64 over the float32 values, as `np.mean` of Python floats gives."""
+    return float(np.mean(torch.stack(losses).float().cpu().numpy().astype(np.float64)))
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -156,9 +170,10 @@ def fit(model: nn.Module, epochs: int, run_epoch: Callable[[int], dict[str, floa
 
 
 def checkpoint_path(folder: str | Path, name: str, params: dict[str, Any], inputs: Sequence[str | Path]) -> Path:
-    """`folder/<name>-<hash>.ckpt`, the hash over all of `params` and the files of the `inputs` folders (name,
-    size, mtime): a killed run resumes only when nothing upstream changed either (an upstream parameter, a
-    retrained classifier, new data), not just the stage's own settings."""
+    """`folder/<name>-<hash>.ckpt`, the hash over all of `params` and the top-level files of the `inputs`
+    folders (name, size, mtime): a killed run resumes only when nothing changed, upstream included (an
+    upstream parameter, a retrained classifier, new data). Deliberately conservative: any parameter change,
+    or a re-copy of the inputs, starts training afresh."""
     from covseg.config import params_hash
 
     files = sorted(f for d in inputs for f in Path(d).iterdir() if f.is_file())
