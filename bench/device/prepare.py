@@ -163,6 +163,9 @@ def main() -> None:
     params = load_params(args.profile)
     ingest_dir = Path(args.ingest) if args.ingest else ROOT / params["artifacts_dir"] / "ingest"
     carry, cache = Path(args.carry), Path(args.cache)
+    if not (ingest_dir / "manifest.parquet").is_file():
+        sys.exit(f"no ingest manifest at {ingest_dir}: in a fresh checkout run `make data` and "
+                 f"`COVSEG_TRACKING=0 .venv/bin/covseg ingest --profile {args.profile}` first (~4 min here)")
     lungs_dir, lungs_seconds = build_lungs(params, ingest_dir, cache, args.rebuild)
 
     scratch = carry.with_name(carry.name + ".tmp")
