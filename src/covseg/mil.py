@@ -151,9 +151,9 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
         losses = []
         for chosen in batches(len(active), cfg["batch_size"], weights, rng, cfg["draws_per_epoch"]):
             picked = bag_rows[active[chosen]]
-            x = slices.tensor(picked)
+            x = slices.tensor(picked).to(dev)  # resident: no copy
             flip = rng.random() < 0.5
-            lung = slices.lung_tensor(picked)
+            lung = slices.lung_tensor(picked).to(dev)
             if flip:
                 x, lung = x.flip(-1), lung.flip(-1)
             patches, valid = to_patches(x, lung, cfg["grid"], cfg["patch"])
