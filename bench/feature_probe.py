@@ -11,6 +11,7 @@ pipeline's source probe (a fresh network on the inputs), this asks what the lesi
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import torch
@@ -36,9 +37,11 @@ def main() -> None:
     parser.add_argument("lungs_dir")
     parser.add_argument("classify_dir")
     parser.add_argument("--profile", default="quick", help="for tissue_ceiling and min_lung_fraction")
+    parser.add_argument("--overrides", default="{}", help='params overrides as JSON, e.g. \'{"classify": {"outside_fill": 0.1}}\'')
     args = parser.parse_args()
-    cfg = load_params(args.profile)["classify"]
-    slices = SliceSet.load(args.lungs_dir, cfg.get("tissue_ceiling"))
+    params = load_params(args.profile, overrides=json.loads(args.overrides))
+    cfg = params["classify"]
+    slices = SliceSet.for_localisers(args.lungs_dir, params)
     model = load_classifier(args.classify_dir).eval()
     x_train, y_train = pooled_features(model, slices, "train", cfg["min_lung_fraction"])
     x_val, y_val = pooled_features(model, slices, "val", cfg["min_lung_fraction"])

@@ -96,7 +96,7 @@ def coarse_labels(lungs_dir: str | Path, classify_dir: str | Path, out_dir: str 
     """Write soft CAM maps + thresholded coarse masks (`coarse.npz`) and per-slice stats (`coarse.parquet`)."""
     cfg = params["coarse"]
     dev = device()
-    slices = SliceSet.load(lungs_dir, params["classify"].get("tissue_ceiling")).to(dev)
+    slices = SliceSet.for_localisers(lungs_dir, params).to(dev)
     model = load_classifier(classify_dir).to(dev)
     rows = cam_rows(slices.index)
     positions = rows["row"].to_numpy()

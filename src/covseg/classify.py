@@ -113,7 +113,7 @@ def train_classifier(lungs_dir: str | Path, out_dir: str | Path, params: dict[st
                      checkpoint_dir: str | Path) -> dict[str, Any]:
     """Train the slice classifier on the train split; report per-source validation AUC and the probe."""
     cfg = params["classify"]
-    slices = SliceSet.load(lungs_dir, params["classify"].get("tissue_ceiling")).to(device())
+    slices = SliceSet.for_localisers(lungs_dir, params).to(device())
     out_dir, checkpoint_dir = Path(out_dir), Path(checkpoint_dir)
     train = slices.rows("train", cfg["min_lung_fraction"])
     val = slices.rows("val", cfg["min_lung_fraction"])

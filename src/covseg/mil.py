@@ -125,7 +125,7 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
     cfg = params["mil"]
     seed_everything(params["seed"])
     dev = device()
-    slices = SliceSet.load(lungs_dir, params["classify"].get("tissue_ceiling")).to(dev)
+    slices = SliceSet.for_localisers(lungs_dir, params).to(dev)
     out_dir, checkpoint_dir = Path(out_dir), Path(checkpoint_dir)
     classifier = load_classifier(classify_dir).to(dev)
     min_lung = params["classify"]["min_lung_fraction"]
