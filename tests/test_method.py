@@ -20,6 +20,9 @@ def test_chain_produces_table1_rows(trained_tiny) -> None:
             assert 0.0 <= table[row]["adaptive"][key] <= 1.0
         assert table[row]["n_slices"] == 2
     assert (trained_tiny.stage("evaluate") / "panel.png").stat().st_size > 10_000
+    segment = json.loads((trained_tiny.stage("segment") / "metrics.json").read_text())
+    # the tiny split has no validation positives (its two JPEG volumes train), so the mask-free check is NaN
+    assert segment["n_val_fine"] == 0 and np.isnan(segment["val_fine_dice"])
 
 
 def test_labels_stay_inside_lungs_and_on_positive_slices(trained_tiny) -> None:
@@ -139,6 +142,32 @@ def test_fusion_keeps_only_where_cam_and_mil_agree() -> None:
     assert fuse(cam, coarse, np.full_like(cam, 0.3), {"fusion": "soft", "threshold": 0.5})[0, 0]  # 0.52
     with pytest.raises(ValueError, match="fusion"):
         fuse(cam, coarse, instance, {"fusion": "max", "threshold": 0.5})
+
+
+def test_fine_label_dice_scores_the_segmenter_against_the_fine_labels() -> None:
+    """The segment stage's mask-free check: per-slice Dice at 0.5 against the given rows' fine labels."""
+    import torch
+
+    from covseg.segment import fine_label_dice
+    from covseg.training import SliceSet
+
+    class Bright(torch.nn.Module):  # "lesion" wherever the input is brighter than 0.5
+        def __init__(self) -> None:
+            super().__init__()
+            self.offset = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x - 0.5) * 100 + self.offset
+
+    images = np.zeros((3, 8, 8), dtype=np.float32)
+    images[:, 2:4, 2:4] = 0.9
+    fine = np.zeros((3, 8, 8), dtype=bool)
+    fine[0, 2:4, 2:4] = True  # slice 0: labels where it predicts -> Dice 1
+    fine[1, 5:7, 5:7] = True  # slice 1: disjoint -> Dice 0
+    slices = SliceSet(images, np.ones_like(fine), pd.DataFrame({"row": range(3)}))
+    assert fine_label_dice(Bright(), slices, fine, np.array([0, 1])) == pytest.approx(0.5)
+    assert fine_label_dice(Bright(), slices, fine, np.array([0])) == pytest.approx(1.0)
+    assert np.isnan(fine_label_dice(Bright(), slices, fine, np.array([], dtype=int)))
 
 
 def test_tissue_ceiling_hides_soft_tissue_from_the_weak_localisers_only() -> None:

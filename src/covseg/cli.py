@@ -160,7 +160,9 @@ def segment(profile: str | None) -> None:
     params = load_params(profile)
     p = _stage_paths(params)
     result = stages.segment(p["lungs"], p["mil"], p["segment"], params, p["checkpoints"])
-    click.echo(f"segmenter trained on {result['n_train']} slices; last loss {result['history'][-1]['loss']:.4f}")
+    click.echo(f"segmenter trained on {result['n_train']} slices; last loss {result['history'][-1]['loss']:.4f}; "
+               f"Dice against the fine labels of {result['n_val_fine']} validation positives "
+               f"{result['val_fine_dice']:.3f}")
 
 
 @main.command("gate-a")

@@ -50,7 +50,8 @@ def train_segmenter(lungs_dir: str | Path, mil_dir: str | Path, out_dir: str | P
     seed_everything(params["seed"])
     dev = device()
     slices = SliceSet.load(lungs_dir).to(dev)
-    fine = torch.from_numpy(np.load(Path(mil_dir) / FINE)["fine"]).to(dev)
+    labels_file = np.load(Path(mil_dir) / FINE)
+    fine = torch.from_numpy(labels_file["fine"]).to(dev)
     train = slices.rows("train", params["classify"]["min_lung_fraction"])
     rows, labels = train["row"].to_numpy(), train["label"].to_numpy()
     weights = np.where(labels == 1, 1.0 / max(labels.sum(), 1), cfg["negative_share"] / max((1 - labels).sum(), 1))
@@ -86,7 +87,21 @@ def train_segmenter(lungs_dir: str | Path, mil_dir: str | Path, out_dir: str | P
                                                    "image_size": params["image_size"],
                                                    "seed": params["seed"], "profile": params["profile"],
                                                    **(lineage or {})})
-    return {"history": history, "n_train": len(rows)}
+    val = slices.rows("val", params["classify"]["min_lung_fraction"])
+    labelled = np.intersect1d(val[val["label"] == 1]["row"].to_numpy(), labels_file["rows"])
+    agreement = fine_label_dice(model.to(dev), slices, labels_file["fine"], labelled)
+    return {"history": history, "n_train": len(rows), "val_fine_dice": agreement, "n_val_fine": len(labelled)}
+
+
+def fine_label_dice(model: torch.nn.Module, slices: SliceSet, fine: np.ndarray, rows: np.ndarray) -> float:
+    """Mean per-slice Dice (threshold 0.5) of the segmenter against the fine labels of `rows` (validation
+    positives): a mask-free check that it learned its targets on volumes it did not train on."""
+    from covseg.metrics import summarise
+
+    if len(rows) == 0:
+        return float("nan")
+    probs = segment_canonical(model, slices.images[rows], slices.lungs[rows])
+    return float(summarise(list(probs), list(fine[rows]))["dice"])
 
 
 def load_segmenter(model_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:

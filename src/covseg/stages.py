@@ -85,6 +85,7 @@ def segment(lungs_dir: str | Path, mil_dir: str | Path, out_dir: str | Path, par
     with tracking.stage_run("segment", params, "segment") as run, atomic_dir(out_dir) as scratch:
         result = train_segmenter(lungs_dir, mil_dir, scratch, params, checkpoint_dir, tracking.lineage(params))
         _write_json(scratch / "metrics.json", result)
+        tracking.log_metrics(run, {"val_fine_dice": result["val_fine_dice"]})
         tracking.log_history(run, result["history"], "segment")
     return result
 
