@@ -61,7 +61,8 @@ def main() -> None:
     from covseg import stages
     from covseg.config import load_params
 
-    base = load_params(args.profile, overrides=json.loads(args.overrides))
+    overrides = json.loads(args.overrides)
+    base = load_params(args.profile, overrides=overrides)
     lungs = args.lungs
     if lungs is None:
         lungs = args.out / "lungs"
@@ -76,7 +77,7 @@ def main() -> None:
     for row in ROWS:
         values = np.array([r["table"][row]["dice"] for r in runs.values()])
         summary[row] = {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max())}
-    result = {"profile": args.profile, "overrides": json.loads(args.overrides), "seeds": list(runs),
+    result = {"profile": args.profile, "overrides": overrides, "seeds": list(runs),
               "dice": summary, "runs": runs}
     (args.out / "spread.json").write_text(json.dumps(result, indent=2, default=float))
     print("Dice mean [min, max] over seeds " + ", ".join(str(s) for s in runs))

@@ -185,7 +185,10 @@ def test_tissue_ceiling_hides_soft_tissue_from_the_weak_localisers_only() -> Non
 def test_outside_fill_hides_the_lung_border_from_the_weak_localisers(tmp_path: Path) -> None:
     """With classify.outside_fill the localisers see lung-level grey, not an edge, outside the lung mask and
     on hidden soft tissue; parenchyma inside the lungs is unchanged, and so are the stored images."""
+    import torch
+
     from covseg.config import load_params
+    from covseg.harmonise import LUNG_LEVEL
     from covseg.training import SliceSet
 
     images = np.array([[[0.1, 0.3], [0.7, 0.0]]], dtype=np.float32)
@@ -194,10 +197,6 @@ def test_outside_fill_hides_the_lung_border_from_the_weak_localisers(tmp_path: P
     seen = SliceSet(images, lungs, index, tissue_ceiling=0.55, fill=0.1).tensor(np.array([0]))
     assert seen[0, 0].tolist() == [[pytest.approx(0.1), pytest.approx(0.3)], [pytest.approx(0.1), pytest.approx(0.1)]]
     assert images[0, 1].tolist() == [pytest.approx(0.7), 0.0]
-    import torch
-
-    from covseg.harmonise import LUNG_LEVEL
-
     params = load_params("quick")
     assert params["classify"]["outside_fill"] == pytest.approx(LUNG_LEVEL)  # the harmonised healthy-lung level
     np.savez(tmp_path / SLICES, image=images.astype(np.float16), lung=lungs)

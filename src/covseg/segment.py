@@ -51,7 +51,8 @@ def train_segmenter(lungs_dir: str | Path, mil_dir: str | Path, out_dir: str | P
     dev = device()
     slices = SliceSet.load(lungs_dir).to(dev)
     labels_file = np.load(Path(mil_dir) / FINE)
-    fine = torch.from_numpy(labels_file["fine"]).to(dev)
+    fine_labels, labelled_rows = labels_file["fine"], labels_file["rows"]  # each member decompresses per read
+    fine = torch.from_numpy(fine_labels).to(dev)
     train = slices.rows("train", params["classify"]["min_lung_fraction"])
     rows, labels = train["row"].to_numpy(), train["label"].to_numpy()
     weights = np.where(labels == 1, 1.0 / max(labels.sum(), 1), cfg["negative_share"] / max((1 - labels).sum(), 1))
@@ -88,8 +89,8 @@ def train_segmenter(lungs_dir: str | Path, mil_dir: str | Path, out_dir: str | P
                                                    "seed": params["seed"], "profile": params["profile"],
                                                    **(lineage or {})})
     val = slices.rows("val", params["classify"]["min_lung_fraction"])
-    labelled = np.intersect1d(val[val["label"] == 1]["row"].to_numpy(), labels_file["rows"])
-    agreement = fine_label_dice(model.to(dev), slices, labels_file["fine"], labelled)
+    labelled = np.intersect1d(val[val["label"] == 1]["row"].to_numpy(), labelled_rows)
+    agreement = fine_label_dice(model.to(dev), slices, fine_labels, labelled)
     return {"history": history, "n_train": len(rows), "val_fine_dice": agreement, "n_val_fine": len(labelled)}
 
 
