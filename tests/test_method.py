@@ -223,3 +223,19 @@ def test_resident_slices_give_the_same_batches_as_the_host_path() -> None:
     assert resident.tensor(rows).shape == (4, 1, 8, 8) and resident.lung_tensor(rows).dtype == torch.bool
     assert float(resident.tensor(rows).max()) < 0.55  # the ceiling applies to the resident copy too
     np.testing.assert_array_equal(resident.images, images)  # ... and not to the stored images
+
+
+def test_localiser_agreement_is_the_rank_correlation_inside_the_region() -> None:
+    """The MIL stage's mask-free check of Grad-CAM against the instance map (it chose the CAM layer)."""
+    from covseg.mil import localiser_agreement
+
+    cam = np.linspace(0, 1, 16, dtype=np.float32).reshape(1, 4, 4)
+    region = np.ones_like(cam, dtype=bool)
+    region[0, 0, 0] = False
+    assert localiser_agreement(cam, cam ** 2, region) == pytest.approx(1.0)  # same order, other scale
+    assert localiser_agreement(cam, 1 - cam, region) == pytest.approx(-1.0)
+    outside = cam.copy()
+    outside[~region] = -5.0  # only the region counts
+    assert localiser_agreement(outside, cam, region) == pytest.approx(1.0)
+    assert np.isnan(localiser_agreement(cam, np.ones_like(cam), region))  # a flat map ranks nothing
+    assert np.isnan(localiser_agreement(cam, cam, np.zeros_like(region)))

@@ -175,7 +175,7 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
     model.to(dev)  # save_model took it to the CPU: score where it trained
     (out_dir / "schedule.json").write_text(json.dumps(schedule, indent=2))
     quality = mil_quality(model, slices, params)
-    stats = fine_labels(model, slices, coarse_dir, out_dir, params)
+    stats, quality["val_cam_mil_agreement"] = fine_labels(model, slices, coarse_dir, out_dir, params)
     return {"history": history, "schedule": schedule, "quality": quality, "n_fine": len(stats)}
 
 
@@ -211,21 +211,37 @@ def fuse(cam: np.ndarray, coarse: np.ndarray, instance: np.ndarray, cfg: dict[st
 
 
 def fine_labels(model: MILNet, slices: SliceSet, coarse_dir: str | Path, out_dir: Path,
-                params: dict[str, Any]) -> pd.DataFrame:
+                params: dict[str, Any]) -> tuple[pd.DataFrame, float]:
     """Fine labels for every slice that has a coarse label: MIL instance score x coarse map, AND the lesion
-    prior, inside the lung (`mil.fusion`: 'soft' uses the Grad-CAM map itself, 'hard' its Otsu label)."""
+    prior, inside the lung (`mil.fusion`: 'soft' uses the Grad-CAM map itself, 'hard' its Otsu label).
+
+    Also returns the two localisers' agreement on the validation positives (`localiser_agreement`)."""
     cfg, size = params["mil"], slices.images.shape[-1]
-    cam = np.load(Path(coarse_dir) / CAM_MAPS)
+    maps = np.load(Path(coarse_dir) / CAM_MAPS)
     rows = pd.read_parquet(Path(coarse_dir) / CAM_STATS)["row"].to_numpy()
     probs = score_instances(model, slices, rows, cfg)
-    keep = fuse(cam["cam"][rows].astype(np.float32), cam["coarse"][rows],
-                instance_map(probs, cfg["grid"], size), cfg)
-    fine = np.zeros_like(cam["coarse"])
-    fine[rows] = keep & lesion_prior(slices.images[rows], params["fine"]) & slices.lungs[rows]
+    cam, instance = maps["cam"][rows].astype(np.float32), instance_map(probs, cfg["grid"], size)
+    prior = lesion_prior(slices.images[rows], params["fine"]) & slices.lungs[rows]
+    fine = np.zeros_like(maps["coarse"])
+    fine[rows] = fuse(cam, maps["coarse"][rows], instance, cfg) & prior
     np.savez_compressed(out_dir / LABELS, fine=fine, instance_prob=probs, rows=rows)
-    stats = label_stats(slices, fine, slices.index.set_index("row").loc[rows].reset_index())
+    info = slices.index.set_index("row").loc[rows].reset_index()
+    stats = label_stats(slices, fine, info)
     stats.to_parquet(out_dir / STATS, index=False)
-    return stats
+    val = ((info["split"] == "val") & (info["label"] == 1)).to_numpy()
+    return stats, localiser_agreement(cam[val], instance[val], prior[val])
+
+
+def localiser_agreement(cam: np.ndarray, instance: np.ndarray, region: np.ndarray) -> float:
+    """Spearman correlation of Grad-CAM and the MIL instance map over the pixels of `region` (the lesion
+    prior of the validation positives): do the two weak localisers rank the same candidates high? Mask-free;
+    it chose the Grad-CAM layer (README). NaN with fewer than two pixels."""
+    if region.sum() < 2:
+        return float("nan")
+    ranks = [pd.Series(m[region].astype(np.float64)).rank().to_numpy() for m in (cam, instance)]
+    if min(r.std() for r in ranks) == 0:
+        return float("nan")
+    return float(np.corrcoef(*ranks)[0, 1])
 
 
 def load_mil(mil_dir: str | Path) -> MILNet:
