@@ -226,7 +226,7 @@ def test_resident_slices_give_the_same_batches_as_the_host_path() -> None:
 
 
 def test_localiser_agreement_is_the_rank_correlation_inside_the_region() -> None:
-    """The MIL stage's mask-free check of Grad-CAM against the instance map (it chose the CAM layer)."""
+    """The MIL stage's mask-free check of Grad-CAM against the instance map."""
     from covseg.mil import localiser_agreement
 
     cam = np.linspace(0, 1, 16, dtype=np.float32).reshape(1, 4, 4)

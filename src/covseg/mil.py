@@ -235,7 +235,8 @@ def fine_labels(model: MILNet, slices: SliceSet, coarse_dir: str | Path, out_dir
 def localiser_agreement(cam: np.ndarray, instance: np.ndarray, region: np.ndarray) -> float:
     """Spearman correlation of Grad-CAM and the MIL instance map over the pixels of `region` (the lesion
     prior of the validation positives): do the two weak localisers rank the same candidates high? Mask-free;
-    it chose the Grad-CAM layer (README). NaN with fewer than two pixels."""
+    it flags a Grad-CAM that points away from the lesions (README, *The Grad-CAM layer*). NaN when fewer
+    than two pixels or a flat map leave nothing to rank."""
     if region.sum() < 2:
         return float("nan")
     ranks = [pd.Series(m[region].astype(np.float64)).rank().to_numpy() for m in (cam, instance)]
