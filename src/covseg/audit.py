@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from covseg.io import InputError
+from covseg.errors import InputError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

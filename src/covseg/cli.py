@@ -23,8 +23,7 @@ def _friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from covseg.gates import GateFailed
-        from covseg.io import InputError
+        from covseg.errors import GateFailed, InputError
 
         try:
             return func(*args, **kwargs)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from covseg.errors import GateFailed
 from covseg.io import atomic_write_text
 
 
@@ -29,15 +30,6 @@ class Check:
     def describe(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.kwargs.items())
         return f"{self.table}: {self.expectation}({args})"
-
-
-class GateFailed(RuntimeError):
-    """A gate found data that must not go downstream."""
-
-    def __init__(self, gate: str, failures: list[str], report: Path):
-        self.gate, self.failures, self.report = gate, failures, report
-        super().__init__(f"gate {gate} failed ({len(failures)} expectation(s)); report: {report}\n  - "
-                         + "\n  - ".join(failures))
 
 
 def _summary(result: Any) -> str:

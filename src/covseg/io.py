@@ -21,6 +21,8 @@ from typing import BinaryIO
 import numpy as np
 import SimpleITK as sitk
 
+from covseg.errors import InputError
+
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
 
@@ -36,15 +38,6 @@ TAG_SERIES_UID = "0020|000e"
 # Identity that a de-identified header must not carry. PatientID is not here: de-identified studies keep a
 # pseudonym in it (COVID-CT-MD does), and a pseudonym cannot be told from an identifier by looking at it.
 IDENTIFYING_TAGS = {TAG_PATIENT_NAME: "PatientName", TAG_BIRTH_DATE: "PatientBirthDate"}
-
-
-class InputError(ValueError):
-    """Bad input: the message names the file and the problem, in one line."""
-
-    def __init__(self, path: str | Path, problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{path}: {problem}")
 
 
 @dataclass(frozen=True)
