@@ -1,7 +1,7 @@
 """The covseg training pipeline (KFP v2): ingest -> gate 0 -> lungs -> classify -> coarse -> gate A -> MIL ->
 gate B -> segment -> evaluate -> register, one component per stage (``components/``).
 
-Placement comes from ``infra/gpu_pool.json`` through `covseg.schedule.gpu_pool` (the file Terraform builds
+Placement comes from ``infra/gpu_pool.json`` through `covseg.gpu_pool.load` (the file Terraform builds
 the GPU node pool from): the GPU tasks (classify, coarse, mil, segment) request one accelerator of its
 resource, select its node label and tolerate its taint, and run the CUDA image. Every task requests and
 limits CPU and memory. kfp.local ignores placement, so the same graph also runs on one machine
@@ -35,8 +35,8 @@ from components.mil import mil  # noqa: E402
 from components.register import register  # noqa: E402
 from components.segment import segment  # noqa: E402
 from components.settings import GPU_IMAGE, MLFLOW_TRACKING_URI  # noqa: E402
+from covseg import gpu_pool  # noqa: E402
 from covseg.config import load_params  # noqa: E402
-from covseg.schedule import gpu_pool  # noqa: E402
 
 PIPELINE_NAME = "covseg-training"
 DEFAULT_PROFILE = "quick"
@@ -91,7 +91,7 @@ def _configure(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
     if name in ("ingest", "register"):
         task.set_retry(num_retries=RETRIES, backoff_duration="15s", backoff_factor=2.0)
     if name in GPU_TASKS:
-        pool = gpu_pool()
+        pool = gpu_pool.load()
         task.set_container_image(GPU_IMAGE)
         task.set_accelerator_type(pool["accelerator_resource"]).set_accelerator_limit(1)
         kubernetes.add_node_selector(task, label_key=pool["node_selector"]["key"],

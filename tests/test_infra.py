@@ -28,7 +28,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from covseg import schedule
+from covseg import gpu_pool, schedule
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -506,7 +506,7 @@ def test_gpu_node_pool_label_and_taint_come_from_gpu_pool_json() -> None:
     node_config, ev = _gpu_node_config()
     labels = {ev(k): ev(v) for k, v in node_config["labels"].items() if not k.startswith("__")}
     (taint,) = node_config["taint"]
-    pool = schedule.gpu_pool()  # what the pipeline will use
+    pool = gpu_pool.load()  # what the pipeline will use
     assert pool == json.loads((INFRA / "gpu_pool.json").read_text())
     assert labels == {pool["node_selector"]["key"]: pool["node_selector"]["value"]}
     assert ev(taint["key"]) == pool["toleration"]["key"]
@@ -518,6 +518,38 @@ def test_gpu_node_pool_label_and_taint_come_from_gpu_pool_json() -> None:
     tf_text = "".join(f.read_text() for f in TERRAFORM.glob("*.tf"))
     for literal in (pool["node_selector"]["key"], pool["toleration"]["key"]):
         assert f'"{literal}"' not in tf_text
+
+
+
+def test_gpu_pool_reads_the_repository_file() -> None:
+    pool = gpu_pool.load()
+    repo_file = Path(__file__).resolve().parents[1] / "infra" / "gpu_pool.json"
+    assert pool == json.loads(repo_file.read_text())
+    assert pool["toleration"]["effect"] in ("NoSchedule", "PreferNoSchedule", "NoExecute")
+
+
+def test_gpu_pool_falls_back_to_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = {
+        "accelerator_resource": "nvidia.com/gpu",
+        "node_selector": {"key": "example.org/pool", "value": "gpu-b"},
+        "toleration": {"key": "example.org/gpu", "value": "yes", "effect": "NoExecute"},
+    }
+    (tmp_path / "pool.json").write_text(json.dumps(pool))
+    monkeypatch.setattr(gpu_pool, "REPO_FILE", tmp_path / "not-installed" / "gpu_pool.json")
+    monkeypatch.delenv(gpu_pool.ENV, raising=False)
+    with pytest.raises(FileNotFoundError, match=gpu_pool.ENV):
+        gpu_pool.load()
+    monkeypatch.setenv(gpu_pool.ENV, str(tmp_path / "pool.json"))
+    assert gpu_pool.load() == pool
+
+    pool["toleration"]["effect"] = "NoSchedul"
+    (tmp_path / "pool.json").write_text(json.dumps(pool))
+    with pytest.raises(ValueError, match="effect"):
+        gpu_pool.load()
+    del pool["node_selector"]
+    (tmp_path / "pool.json").write_text(json.dumps(pool))
+    with pytest.raises(ValueError, match="node_selector"):
+        gpu_pool.load()
 
 
 def test_terraform_evaluator_sees_a_drifted_taint(tmp_path: Path) -> None:

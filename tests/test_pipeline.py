@@ -102,9 +102,9 @@ def _executor(spec: dict[str, Any], task: dict[str, Any]) -> tuple[str, dict[str
 
 
 def test_placement_and_resources_come_from_gpu_pool_json(compiled: list[dict[str, Any]]) -> None:
-    from covseg.schedule import gpu_pool
+    from covseg import gpu_pool
 
-    pool = gpu_pool()
+    pool = gpu_pool.load()
     spec, platform = compiled
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     tasks = _tasks(spec)

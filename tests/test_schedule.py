@@ -1,4 +1,4 @@
-"""covseg.schedule: cron handling, the GPU pool contract, and create_schedule against a fake KFP API.
+"""covseg.schedule: cron handling and create_schedule against a fake KFP API.
 
 The fake is a small stateful stand-in for the KFP v2beta1 REST API (http.server on 127.0.0.1, a free
 port, its own thread). The real ``kfp.Client`` talks to it; the fake records every request so the
@@ -335,37 +335,3 @@ def test_normalize_cron_accepts(cron: str, expected: str) -> None:
 def test_normalize_cron_rejects(cron: str) -> None:
     with pytest.raises(ValueError):
         schedule.normalize_cron(cron)
-
-
-# --------------------------------------------------------------------------- gpu_pool
-
-
-def test_gpu_pool_reads_the_repository_file() -> None:
-    pool = schedule.gpu_pool()
-    repo_file = Path(__file__).resolve().parents[1] / "infra" / "gpu_pool.json"
-    assert pool == json.loads(repo_file.read_text())
-    assert pool["toleration"]["effect"] in ("NoSchedule", "PreferNoSchedule", "NoExecute")
-
-
-def test_gpu_pool_falls_back_to_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pool = {
-        "accelerator_resource": "nvidia.com/gpu",
-        "node_selector": {"key": "example.org/pool", "value": "gpu-b"},
-        "toleration": {"key": "example.org/gpu", "value": "yes", "effect": "NoExecute"},
-    }
-    (tmp_path / "pool.json").write_text(json.dumps(pool))
-    monkeypatch.setattr(schedule, "_REPO_GPU_POOL", tmp_path / "not-installed" / "gpu_pool.json")
-    monkeypatch.delenv(schedule.GPU_POOL_ENV, raising=False)
-    with pytest.raises(FileNotFoundError, match=schedule.GPU_POOL_ENV):
-        schedule.gpu_pool()
-    monkeypatch.setenv(schedule.GPU_POOL_ENV, str(tmp_path / "pool.json"))
-    assert schedule.gpu_pool() == pool
-
-    pool["toleration"]["effect"] = "NoSchedul"
-    (tmp_path / "pool.json").write_text(json.dumps(pool))
-    with pytest.raises(ValueError, match="effect"):
-        schedule.gpu_pool()
-    del pool["node_selector"]
-    (tmp_path / "pool.json").write_text(json.dumps(pool))
-    with pytest.raises(ValueError, match="node_selector"):
-        schedule.gpu_pool()

@@ -1,9 +1,6 @@
-"""Scheduling the training pipeline on Kubeflow Pipelines, and the GPU node pool's placement contract.
+"""Scheduling the training pipeline on Kubeflow Pipelines.
 
 `create_schedule` uploads a compiled pipeline to a KFP v2 API server and creates a recurring run of it.
-`gpu_pool` reads ``infra/gpu_pool.json``, the one place that defines the GPU node pool's label and taint:
-Terraform (``infra/terraform/gke``) creates the pool from it, and the pipeline gives its GPU steps the
-matching nodeSelector and toleration from it.
 """
 
 from __future__ import annotations
@@ -11,17 +8,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
-
-GPU_POOL_ENV = "COVSEG_GPU_POOL_FILE"
-"""Environment variable naming gpu_pool.json where the repository is not at hand (installed package)."""
-
-_REPO_GPU_POOL = Path(__file__).resolve().parents[2] / "infra" / "gpu_pool.json"
-_TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 DEFAULT_SERVICE_ACCOUNT = "covseg-pipeline-runner"
 """Kubernetes ServiceAccount the runs execute as (infra/base/pipeline-runs/rbac.yaml)."""
@@ -40,45 +30,6 @@ _CRON_NAMES = {
     "day of week": {d: i for i, d in enumerate("SUN MON TUE WED THU FRI SAT".split())},
 }
 _CRON_DESCRIPTORS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
-
-
-def gpu_pool() -> dict[str, Any]:
-    """Loads the GPU node pool's placement contract.
-
-    Reads ``infra/gpu_pool.json`` from the repository this module sits in; in an installed package
-    (no repository around it) it falls back to the file named by ``$COVSEG_GPU_POOL_FILE``.
-
-    Returns:
-        ``{"accelerator_resource": str, "node_selector": {"key", "value"},
-        "toleration": {"key", "value", "effect"}}``.
-
-    Raises:
-        FileNotFoundError: Neither the repository file nor ``$COVSEG_GPU_POOL_FILE`` exists.
-        ValueError: The file lacks a field or names an unknown taint effect.
-    """
-    path = _REPO_GPU_POOL
-    if not path.is_file():
-        env = os.environ.get(GPU_POOL_ENV)
-        if not env:
-            raise FileNotFoundError(f"{path} not found and ${GPU_POOL_ENV} is not set")
-        path = Path(env)
-    pool = json.loads(path.read_text())
-    try:
-        fields = [
-            pool["accelerator_resource"],
-            pool["node_selector"]["key"],
-            pool["node_selector"]["value"],
-            pool["toleration"]["key"],
-            pool["toleration"]["value"],
-            pool["toleration"]["effect"],
-        ]
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{path}: missing field {err}") from err
-    if not all(isinstance(f, str) and f for f in fields):
-        raise ValueError(f"{path}: every field must be a non-empty string")
-    if pool["toleration"]["effect"] not in _TAINT_EFFECTS:
-        raise ValueError(f"{path}: toleration.effect must be one of {_TAINT_EFFECTS}")
-    return pool
 
 
 def normalize_cron(cron: str) -> str:

@@ -1,7 +1,7 @@
 # GPU node pool for the covseg training steps.
 #
 # The node label and taint are NOT written here: they come from infra/gpu_pool.json, the same file
-# the pipeline reads (covseg.schedule.gpu_pool()) to set the GPU steps' nodeSelector and toleration.
+# the pipeline reads (covseg.gpu_pool.load()) to set the GPU steps' nodeSelector and toleration.
 # Change them there, and only there.
 
 locals {
