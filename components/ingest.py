@@ -11,7 +11,7 @@ def ingest(data_path: str, data_version: str, s3_endpoint_url: str, params_json:
            metrics: Output[Metrics]) -> None:
     """Reads every configured raw source into canonical cases and `manifest.parquet`.
 
-    Binds `covseg.stages.ingest`. The raw data is located by `covseg.pipeline.fetch_data`.
+    Binds `covseg.stages.ingest`. The raw data is located by `covseg.data.fetch_data`.
 
     Args:
         data_path: A folder holding the raw sources (local runs, a mounted volume); an ``s3://bucket/prefix``
@@ -29,7 +29,7 @@ def ingest(data_path: str, data_version: str, s3_endpoint_url: str, params_json:
     import tempfile
 
     from covseg import stages
-    from covseg.pipeline import fetch_data
+    from covseg.data import fetch_data
 
     params = json.loads(params_json)
     with tempfile.TemporaryDirectory(prefix="covseg-raw-") as scratch:

@@ -41,7 +41,7 @@ def use_tracking(mlflow_tracking_uri: str, data_version: str = "") -> None:
     """Points covseg's MLflow tracking at ``mlflow_tracking_uri``; an empty URI turns stage tracking off.
 
     The lineage tags of every stage run: the pipeline run id comes from ``$COVSEG_PIPELINE_RUN_ID`` (on the
-    cluster the pipeline maps it from the pod label ``pipeline/runid``; ``covseg.pipeline.run_local`` sets it
+    cluster the pipeline maps it from the pod label ``pipeline/runid``; ``pipelines.runner.run_local`` sets it
     locally); the data version from `data_version` (``$COVSEG_DATA_MD5``, used where no ``data.dvc`` is at
     hand, as in the images).
     """

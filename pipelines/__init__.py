@@ -1,1 +1,2 @@
-"""KFP pipelines of covseg: `training` (compiled to `training.yaml`, checked by tests/test_pipeline.py)."""
+"""KFP pipelines of covseg: `train_pipeline` (the graph, compiled to `train_pipeline.yaml`, checked by
+tests/test_pipeline.py) and `runner` (compile it, or run it here with kfp.local)."""

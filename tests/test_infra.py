@@ -633,6 +633,17 @@ def test_dockerfile_structure(path: Path) -> None:
     assert {src.rstrip("/") for src in copied} <= {p.lstrip("!").rstrip("/") for p in patterns[1:]}
 
 
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_images_copy_every_package_that_pyproject_installs(path: Path) -> None:
+    """`pip install .` in the image finds every package directory of pyproject's package-dir."""
+    import tomllib
+
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {folder.rstrip("/") for folder in setuptools["package-dir"].values()}
+    copied = {src.rstrip("/") for word, args in _instructions(path) if word == "COPY" for src in args.split()[:-1]}
+    assert folders <= copied, f"{path.name} does not COPY {sorted(folders - copied)}"
+
+
 def test_dockerfile_checks_catch_a_bad_dockerfile(tmp_path: Path) -> None:
     bad = tmp_path / "Dockerfile"
     bad.write_text(

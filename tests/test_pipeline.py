@@ -31,10 +31,7 @@ from helpers import (
     sha256_tree,
 )
 
-if str(REPO_ROOT) not in sys.path:  # components/ and pipelines/ sit at the root of the checkout
-    sys.path.insert(0, str(REPO_ROOT))
-
-GOLDEN = REPO_ROOT / "pipelines" / "training.yaml"
+GOLDEN = REPO_ROOT / "pipelines" / "train_pipeline.yaml"
 SDK_VERSION_KEYS = {"sdkVersion"}
 STAGES = ("ingest", "gate0", "lungs", "classify", "coarse", "gate-a", "mil", "gate-b", "segment", "evaluate",
           "register")
@@ -71,9 +68,9 @@ def _without_sdk_version(node: Any) -> Any:
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """The pipeline compiled now, in a fresh process with the default images (pipeline spec, platform spec)."""
-    out = tmp_path_factory.mktemp("compiled") / "training.yaml"
+    out = tmp_path_factory.mktemp("compiled") / "train_pipeline.yaml"
     env = {k: v for k, v in os.environ.items() if k not in ("COVSEG_IMAGE", "COVSEG_GPU_IMAGE")}
-    code = "import sys; from covseg.pipeline import compile_pipeline; compile_pipeline(sys.argv[1])"
+    code = "import sys; from pipelines.runner import compile_pipeline; compile_pipeline(sys.argv[1])"
     result = subprocess.run([sys.executable, "-c", code, str(out)], cwd=REPO_ROOT, env=env, capture_output=True,
                             text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -86,8 +83,8 @@ def test_compiled_pipeline_matches_golden_file(compiled: list[dict[str, Any]]) -
     if fresh != golden:
         diff = difflib.unified_diff(yaml.safe_dump_all(golden).splitlines(),
                                     yaml.safe_dump_all(fresh).splitlines(),
-                                    "pipelines/training.yaml (committed)", "compiled now", lineterm="", n=2)
-        pytest.fail("pipelines/training.yaml is out of date with components/, pipelines/, params.yaml or "
+                                    "pipelines/train_pipeline.yaml (committed)", "compiled now", lineterm="", n=2)
+        pytest.fail("pipelines/train_pipeline.yaml is out of date with components/, pipelines/, params.yaml or "
                     "infra/gpu_pool.json: recompile with `covseg pipeline compile` and commit it.\n"
                     + "\n".join(list(diff)[:80]))
 
@@ -184,7 +181,7 @@ def dvc_remote(moto_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Dv
 @pytest.fixture(scope="module")
 def local_run(dvc_remote: DvcRemote, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """One kfp.local run of the training pipeline (tiny profile, tracking off): data from the DVC remote."""
-    from covseg.pipeline import run_local
+    from pipelines.runner import run_local
 
     root = tmp_path_factory.mktemp("kfp-local")
     started = time.monotonic()
@@ -325,8 +322,8 @@ def test_register_component_registers_the_segmenter(local_run: dict[str, Any], m
 
 def test_fetch_data_rebuilds_a_dvc_version_and_checks_it(dvc_remote: DvcRemote, moto_server: Any,
                                                          tmp_path: Path) -> None:
-    from covseg.io import InputError
-    from covseg.pipeline import fetch_data
+    from covseg.data import fetch_data
+    from covseg.errors import InputError
 
     dest = fetch_data(dvc_remote.url, tmp_path / "ok", dvc_remote.version, moto_server.endpoint_url)
     assert sha256_tree(dest) == sha256_tree(dvc_remote.data)
@@ -352,8 +349,8 @@ def test_fetch_data_rebuilds_a_dvc_version_and_checks_it(dvc_remote: DvcRemote, 
 
 
 def test_fetch_data_from_a_plain_prefix_and_a_folder(moto_server: Any, tmp_path: Path) -> None:
-    from covseg.io import InputError
-    from covseg.pipeline import fetch_data
+    from covseg.data import fetch_data
+    from covseg.errors import InputError
 
     bucket = f"covseg-raw-{uuid.uuid4().hex[:8]}"
     moto_server.create_bucket(bucket)

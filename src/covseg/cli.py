@@ -318,11 +318,12 @@ def pipeline() -> None:
 
 
 @pipeline.command("compile")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: pipelines/training.yaml")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Default: pipelines/train_pipeline.yaml")
 @profile_option
 def pipeline_compile(out: Path | None, profile: str | None) -> None:
-    """Compile pipelines/training.py (the profile's parameters become the default params_json)."""
-    from covseg.pipeline import compile_pipeline
+    """Compile pipelines/train_pipeline.py (the profile's parameters become the default params_json)."""
+    from pipelines.runner import compile_pipeline
 
     click.echo(f"compiled {compile_pipeline(out, profile or 'quick')}")
 
@@ -339,7 +340,7 @@ def pipeline_run(local: bool, profile: str | None, data_path: str | None, data_v
     """Run the same pipeline the cluster runs, task by task in local subprocesses."""
     import re
 
-    from covseg.pipeline import run_local
+    from pipelines.runner import run_local
 
     try:
         result = run_local(profile or "tiny", data_path, pipeline_root, data_version=data_version,
@@ -361,7 +362,7 @@ def schedule() -> None:
 @schedule.command("create")
 @click.option("--cron", required=True, help="Cron expression, 5 fields (or KFP's 6 with seconds).")
 @click.option("--endpoint", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
-@click.option("--package", default="pipelines/training.yaml", show_default=True, help="Compiled pipeline.")
+@click.option("--package", default="pipelines/train_pipeline.yaml", show_default=True, help="Compiled pipeline.")
 @click.option("--experiment", default="covseg", show_default=True)
 @click.option("--name", default="covseg-retrain", show_default=True)
 @click.option("--param", "params", multiple=True, help="Pipeline parameter KEY=VALUE (repeatable).")

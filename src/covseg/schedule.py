@@ -86,7 +86,7 @@ def _check_cron_field(cron: str, value: str, name: str, low: int, high: int) -> 
 def create_schedule(
     endpoint: str,
     cron: str,
-    pipeline_package: str = "pipelines/training.yaml",
+    pipeline_package: str = "pipelines/train_pipeline.yaml",
     experiment: str = "covseg",
     name: str = "covseg-retrain",
     params: dict | None = None,

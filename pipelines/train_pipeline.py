@@ -5,38 +5,36 @@ Placement comes from ``infra/gpu_pool.json`` through `covseg.gpu_pool.load` (the
 the GPU node pool from): the GPU tasks (classify, coarse, mil, segment) request one accelerator of its
 resource, select its node label and tolerate its taint, and run the CUDA image. Every task requests and
 limits CPU and memory. kfp.local ignores placement, so the same graph also runs on one machine
-(`covseg.pipeline.run_local`).
+(`pipelines.runner.run_local`).
 
-Compile with ``covseg pipeline compile`` (`covseg.pipeline.compile_pipeline`), not by hand: the committed
-``training.yaml`` is a golden file that the tests recompile and compare.
+Compile with ``covseg pipeline compile`` (`pipelines.runner.compile_pipeline`), not by hand: the committed
+``train_pipeline.yaml`` is a golden file that the tests recompile and compare.
 """
 
 import json
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
 from kfp import dsl, kubernetes
 from kfp.dsl import Dataset
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `kfp dsl compile --py pipelines/training.py` puts only pipelines/ on the path
-    sys.path.insert(0, str(ROOT))
+from components.classify import classify
+from components.coarse import coarse
+from components.evaluate import evaluate
+from components.gate0 import gate0
+from components.gate_a import gate_a
+from components.gate_b import gate_b
+from components.ingest import ingest
+from components.lungs import lungs
+from components.mil import mil
+from components.register import register
+from components.segment import segment
+from components.settings import GPU_IMAGE, MLFLOW_TRACKING_URI
+from covseg import gpu_pool
+from covseg.config import load_params
 
-from components.classify import classify  # noqa: E402
-from components.coarse import coarse  # noqa: E402
-from components.evaluate import evaluate  # noqa: E402
-from components.gate0 import gate0  # noqa: E402
-from components.gate_a import gate_a  # noqa: E402
-from components.gate_b import gate_b  # noqa: E402
-from components.ingest import ingest  # noqa: E402
-from components.lungs import lungs  # noqa: E402
-from components.mil import mil  # noqa: E402
-from components.register import register  # noqa: E402
-from components.segment import segment  # noqa: E402
-from components.settings import GPU_IMAGE, MLFLOW_TRACKING_URI  # noqa: E402
-from covseg import gpu_pool  # noqa: E402
-from covseg.config import load_params  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+"""The checkout: its params.yaml gives the compiled default of `params_json`."""
 
 PIPELINE_NAME = "covseg-training"
 DEFAULT_PROFILE = "quick"
