@@ -198,11 +198,11 @@ def _table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-@main.command("evaluate-pipeline")
+@main.command("evaluate-stage")
 @profile_option
 @_friendly_errors
-def evaluate_pipeline(profile: str | None) -> None:
-    """Table-1 rows for coarse / fine / final on the evaluation split -> artifacts/evaluate."""
+def evaluate_stage(profile: str | None) -> None:
+    """The evaluate stage: Table-1 rows for coarse / fine / final on the evaluation split -> artifacts/evaluate."""
     from covseg import stages
 
     params = load_params(profile)
@@ -211,6 +211,21 @@ def evaluate_pipeline(profile: str | None) -> None:
     rows = {k: v for k, v in table.items() if k in TABLE_ROWS}
     click.echo("threshold 0.5\n" + _table(rows))
     click.echo("adaptive (Inf-Net: 2 x mean probability)\n" + _table({k: v["adaptive"] for k, v in rows.items()}))
+
+
+RENAMED = {"evaluate-pipeline": "evaluate-stage"}
+"""Old command names, kept as hidden aliases that print a one-line deprecation notice."""
+
+
+def _deprecated_alias(old: str, new: str) -> click.Command:
+    """A hidden command `old` that runs command `new` after a one-line notice on stderr."""
+    command = main.commands[new]
+    return click.Command(old, callback=command.callback, params=command.params, help=command.help, hidden=True,
+                         deprecated=f"Use 'covseg {new}'.")
+
+
+for old_name, new_name in RENAMED.items():
+    main.add_command(_deprecated_alias(old_name, new_name))
 
 
 @main.command()
@@ -273,8 +288,9 @@ def models() -> None:
 def run(profile: str | None, from_stage: str) -> None:
     """Run the whole pipeline in this process (ingest -> evaluate), printing each stage's summary."""
     ctx = click.get_current_context()
-    order = [ingest, gate0, lungs, classify, coarse, gate_a, mil, gate_b, segment, evaluate_pipeline, register]
+    order = [ingest, gate0, lungs, classify, coarse, gate_a, mil, gate_b, segment, evaluate_stage, register]
     names = [c.name for c in order]
+    from_stage = RENAMED.get(from_stage, from_stage)
     if from_stage not in names:
         raise click.BadParameter(f"choose one of {', '.join(names)}", param_hint="--from-stage")
     import time
