@@ -30,11 +30,11 @@ run: venv data
 	$(BIN)/covseg run --profile $(PROFILE)
 
 test: venv
-	$(BIN)/ruff check src components pipelines tests bench
+	$(BIN)/ruff check src components pipelines tests bench tools
 	$(BIN)/python -m pytest -q tests
 
 lint: venv
-	$(BIN)/ruff check src components pipelines tests bench
+	$(BIN)/ruff check src components pipelines tests bench tools
 
 clean:
 	rm -rf artifacts mlflow.db mlartifacts .pytest_cache

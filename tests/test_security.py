@@ -37,7 +37,7 @@ from test_reliability import set_dvc_remote
 
 from covseg.config import PROFILES, load_params
 
-PYTHON_TREES = ("src", "components", "pipelines", "bench", "tests")
+PYTHON_TREES = ("src", "components", "pipelines", "bench", "tools", "tests")
 
 # ------------------------------------------------------------------------------------------------
 # Unsafe deserialisation

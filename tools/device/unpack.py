@@ -1,6 +1,6 @@
 """Unpack the carry folder into a work folder laid out like the pipeline's artifacts (device side).
 
-    python3 bench/device/unpack.py CARRY WORK
+    python3 tools/device/unpack.py CARRY WORK
 
 CARRY/lungs/packed.npz -> WORK/lungs/slices.npz (+ index.parquet), byte-identical arrays to the lungs
 stage's; CARRY/ingest -> WORK/ingest (manifest + evaluation masks). Needs numpy only.

@@ -1,6 +1,6 @@
 """Markdown tables from a device run's results, to paste into bench/README.md (run HERE).
 
-    .venv/bin/python bench/device/to_markdown.py RESULTS_DIR      # the folder the run reply names (files_at)
+    .venv/bin/python tools/device/to_markdown.py RESULTS_DIR      # the folder the run reply names (files_at)
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ data. The stages classify -> coarse -> mil -> segment -> evaluate need only:
   sitkBall                              the kernel type constant
 
 Everything else raises AttributeError naming this file, so a code path that needs more fails loudly instead
-of silently diverging. `bench/device/shim_check.py` compares each function with the real SimpleITK on the
+of silently diverging. `tools/device/shim_check.py` compares each function with the real SimpleITK on the
 project's own data (run it here, where SimpleITK is installed).
 """
 
@@ -165,4 +165,4 @@ def GrayscaleMorphologicalOpening(image: Image, kernelRadius=(1, 1, 1), kernelTy
 
 def __getattr__(name: str) -> object:
     raise AttributeError(f"SimpleITK shim ({__file__}) has no {name!r}: this code path needs the real "
-                         "SimpleITK (see bench/device/README.md)")
+                         "SimpleITK (see tools/device/README.md)")

@@ -1,6 +1,6 @@
 """Gates A and B on what a device run brought back (run HERE: the device has no great_expectations).
 
-    .venv/bin/python bench/device/gates_here.py RESULTS_DIR [--profile full]
+    .venv/bin/python tools/device/gates_here.py RESULTS_DIR [--profile full]
 
 RESULTS_DIR is the folder the `run` reply names (files_at): its artifacts_*.tar are unpacked into
 RESULTS_DIR/../device-artifacts-<name> (or --into), then the gates run on classify/metrics.json,
@@ -16,8 +16,6 @@ import sys
 import tarfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def main() -> int:
     parser = argparse.ArgumentParser()
@@ -25,7 +23,6 @@ def main() -> int:
     parser.add_argument("--profile", default="full")
     parser.add_argument("--into", default=None)
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT / "src"))
     from covseg import stages
     from covseg.config import load_params
     from covseg.gates import GateFailed

@@ -1,6 +1,6 @@
 """Pack the trained artifacts for the trip back (device side), within what $OUT returns.
 
-    python3 bench/device/pack_outputs.py WORK/artifacts OUT [--parts 3] [--part-mib 15]
+    python3 tools/device/pack_outputs.py WORK/artifacts OUT [--parts 3] [--part-mib 15]
 
 $OUT returns at most 8 files of at most 16 MiB. The small files (metrics, parquet stats, schedule, panel,
 model metadata) and the model weights go into OUT/artifacts_<k>.tar (no compression: weights do not

@@ -1,6 +1,6 @@
 """Segmenter inference throughput on the GPU, and how far it is from the chip's measured matmul peak.
 
-    python3 bench/device/infer_bench.py --out OUT/infer_bench.json [--model WORK/artifacts/segment]
+    python3 tools/device/infer_bench.py --out OUT/infer_bench.json [--model WORK/artifacts/segment]
         [--size 352] [--batches 1,8,32,128,256,512] [--min-seconds 1.0] [--matmul 8192]
 
 * model: the trained segmenter (MONAI BasicUNet, `covseg.segment.load_segmenter`) when --model holds one,

@@ -1,7 +1,7 @@
 """CPU rehearsal of the device job: make the project venv look like the device image.
 
 Put this folder first on PYTHONPATH (job.sh does when DEVICE_IMITATE=1). Packages that the device image
-lacks cannot be imported (ImportError, as there); SimpleITK resolves only to bench/device/shim, and monai
+lacks cannot be imported (ImportError, as there); SimpleITK resolves only to tools/device/shim, and monai
 only to the wheel that job.sh installs into its --target folder, never to the venv's copies.
 """
 

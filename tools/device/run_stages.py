@@ -1,9 +1,9 @@
 """Run the training chain classify -> coarse -> [gate A] -> mil -> [gate B] -> segment -> evaluate on
 unpacked lungs-stage output, timing each stage (device side; also the CPU rehearsal).
 
-    python3 bench/device/run_stages.py --work WORK --out OUT [--profile full] [--overrides JSON]
+    python3 tools/device/run_stages.py --work WORK --out OUT [--profile full] [--overrides JSON]
 
-WORK holds lungs/ and ingest/ (bench/device/unpack.py); the stages write WORK/artifacts/<stage>. Calls the
+WORK holds lungs/ and ingest/ (tools/device/unpack.py); the stages write WORK/artifacts/<stage>. Calls the
 stage functions of `covseg.stages` exactly as `covseg run` does, with tracking off (COVSEG_TRACKING=0: no
 MLflow there). Gates run only when great_expectations imports (not on the device: skipped, and said so).
 After each stage OUT/stage_times.json is rewritten, so a run cut short still reports what finished.
@@ -80,12 +80,11 @@ def main() -> int:
     index_size = __import__("numpy").load(lungs / "slices.npz")["image"].shape[-1]
     if index_size != params["image_size"]:
         print(f"error: carried lungs are {index_size} px, profile {args.profile} wants {params['image_size']}: "
-              "rerun bench/device/prepare.py", file=sys.stderr)
+              "rerun tools/device/prepare.py", file=sys.stderr)
         return 2
 
     carry_check: dict[str, object] = {}
     if args.carry:  # was the carried lungs output made from this tree's lungs code, params and manifest?
-        sys.path.insert(0, str(Path(__file__).parent))
         from prepare import lungs_key
 
         carried = json.loads((Path(args.carry) / "carry.json").read_text())["lungs_key"]
@@ -93,7 +92,7 @@ def main() -> int:
         carry_check = {"carried": carried, "this_tree": expected, "matches": carried == expected}
         if carried != expected:
             print(f"warning: carried lungs output {carried} was not made from this tree ({expected}): "
-                  "rerun bench/device/prepare.py (the job goes on with what was carried)", flush=True)
+                  "rerun tools/device/prepare.py (the job goes on with what was carried)", flush=True)
 
     try:
         import great_expectations  # noqa: F401
@@ -138,7 +137,7 @@ def main() -> int:
     for name in [] if args.stages == "none" else args.stages.split(","):
         if name.startswith("gate") and not have_gx:
             record["stages"][name] = {"status": "skipped: great_expectations is not installed here; run "
-                                                "bench/device/gates_here.py on the returned artifacts"}
+                                                "tools/device/gates_here.py on the returned artifacts"}
             write_json(out / "stage_times.json", record)
             continue
         print(f"=== {name} ===", flush=True)

@@ -1,6 +1,6 @@
-"""Compare bench/device/shim/SimpleITK.py with the real SimpleITK, on the project's own data (run HERE).
+"""Compare tools/device/shim/SimpleITK.py with the real SimpleITK, on the project's own data (run HERE).
 
-    .venv/bin/python bench/device/shim_check.py [--lungs DIR] [--coarse DIR] [--ingest DIR] [--json PATH]
+    .venv/bin/python tools/device/shim_check.py [--lungs DIR] [--coarse DIR] [--ingest DIR] [--json PATH]
 
 Checks, exactly as the stages call them:
   otsu      cam.otsu_in_lung's filter (64 bins, mask value 1) on Grad-CAM maps (coarse.npz) in their lungs,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole GPU job in one call (see bench/device/README.md). From the repo root:
-#   device:  run(command="bash bench/device/job.sh", carry=[".devcarry"], timeout_s=540)
+# The whole GPU job in one call (see tools/device/README.md). From the repo root:
+#   device:  run(command="bash tools/device/job.sh", carry=[".devcarry"], timeout_s=540)
 #   CPU rehearsal (tiny):  see README.md, "Rehearse here"
 # Steps: install carried wheels -> unpack the carried lungs-stage output -> classify, coarse, mil, segment,
 # evaluate (full profile, tracking off; timed per stage) under a deadline -> inference benchmark of the
@@ -8,16 +8,16 @@
 # stop the later ones that can still run.
 #
 # Environment (all optional):
-#   OUT                 result folder (set by the device tool; default bench/device/out)
+#   OUT                 result folder (set by the device tool; default tools/device/out)
 #   DEVICE_PROFILE      params.yaml profile (full)              DEVICE_OVERRIDES  JSON merged over it
 #   DEVCARRY            carry folder (.devcarry)                DEVICE_WORK       scratch (/tmp/covseg-device)
 #   DEVICE_DEADLINE_S   whole-job deadline in s (500)           BENCH_RESERVE_S   kept for bench+pack (75)
 #   INFER_ARGS          extra infer_bench.py arguments          PYTHON            interpreter (python3)
-#   DEVICE_IMITATE=1    CPU rehearsal: block what the device lacks (bench/device/cpu_test/sitecustomize.py)
+#   DEVICE_IMITATE=1    CPU rehearsal: block what the device lacks (tools/device/cpu_test/sitecustomize.py)
 set -u -o pipefail
 T0=$(date +%s)
 ROOT=$(pwd)
-OUT=${OUT:-$ROOT/bench/device/out}
+OUT=${OUT:-$ROOT/tools/device/out}
 PROFILE=${DEVICE_PROFILE:-full}
 CARRY=${DEVCARRY:-$ROOT/.devcarry}
 WORK=${DEVICE_WORK:-/tmp/covseg-device}
@@ -37,15 +37,15 @@ say "profile=$PROFILE carry=$CARRY work=$WORK out=$OUT deadline=${DEADLINE}s ove
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 
 # 1. wheels the image lacks (monai), into $SITE
-[ -f "$CARRY/carry.json" ] || { say "no carry at $CARRY (run bench/device/prepare.py here, name it in carry)"; exit 2; }
+[ -f "$CARRY/carry.json" ] || { say "no carry at $CARRY (run tools/device/prepare.py here, name it in carry)"; exit 2; }
 rm -rf "$SITE"
 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$CARRY"/wheels/*.whl
 RC[wheels]=$?
 PYPATH="$ROOT/src:$SITE"
-if [ "${DEVICE_IMITATE:-0}" = 1 ]; then PYPATH="$ROOT/bench/device/cpu_test:$PYPATH"; fi
-# SimpleITK: the real one when importable, else the shim (identical on these calls: bench/device/shim_check.py)
+if [ "${DEVICE_IMITATE:-0}" = 1 ]; then PYPATH="$ROOT/tools/device/cpu_test:$PYPATH"; fi
+# SimpleITK: the real one when importable, else the shim (identical on these calls: tools/device/shim_check.py)
 if PYTHONPATH="$PYPATH" $PY -c "import SimpleITK as s; assert not hasattr(s, 'IS_COVSEG_SHIM')" 2>/dev/null; then SITK=real
-else SITK=shim; PYPATH="$PYPATH:$ROOT/bench/device/shim"; fi
+else SITK=shim; PYPATH="$PYPATH:$ROOT/tools/device/shim"; fi
 export PYTHONPATH="$PYPATH"
 say "SimpleITK: $SITK; PYTHONPATH=$PYTHONPATH"
 $PY - <<'EOF' || { say "missing packages"; exit 2; }
@@ -57,7 +57,7 @@ EOF
 # 2. carried lungs-stage output -> $WORK/lungs, $WORK/ingest
 T=$(date +%s)
 rm -rf "$WORK/lungs" "$WORK/ingest" "$WORK/artifacts" "$WORK/checkpoints"
-$PY bench/device/unpack.py "$CARRY" "$WORK"; RC[unpack]=$?
+$PY tools/device/unpack.py "$CARRY" "$WORK"; RC[unpack]=$?
 UNPACK_S=$(( $(date +%s) - T ))
 say "unpacked in ${UNPACK_S}s"
 
@@ -65,7 +65,7 @@ say "unpacked in ${UNPACK_S}s"
 BUDGET=$(( DEADLINE - RESERVE - $(elapsed) ))
 say "stages: budget ${BUDGET}s"
 if [ "${RC[unpack]}" = 0 ] && [ "$BUDGET" -gt 30 ]; then
-  timeout -k 10 "$BUDGET" $PY bench/device/run_stages.py --work "$WORK" --out "$OUT" --profile "$PROFILE" --carry "$CARRY"
+  timeout -k 10 "$BUDGET" $PY tools/device/run_stages.py --work "$WORK" --out "$OUT" --profile "$PROFILE" --carry "$CARRY"
   RC[stages]=$?
   [ "${RC[stages]}" = 124 ] && say "stages cut at the deadline (see stage_times.json for what finished)"
 else
@@ -74,17 +74,17 @@ fi
 
 # 4. inference benchmark: the trained segmenter if there is one, else the same architecture, random weights
 T=$(date +%s)
-$PY bench/device/infer_bench.py --out "$OUT/infer_bench.json" --model "$WORK/artifacts/segment" ${INFER_ARGS:-}
+$PY tools/device/infer_bench.py --out "$OUT/infer_bench.json" --model "$WORK/artifacts/segment" ${INFER_ARGS:-}
 RC[bench]=$?
 BENCH_S=$(( $(date +%s) - T ))
 
 # 5. results back: at most 8 files in $OUT (job.log, job.json, stage_times.json, metrics.json,
 #    infer_bench.json, artifacts_1.tar, artifacts_2.tar)
-[ -d "$WORK/artifacts" ] && $PY bench/device/pack_outputs.py "$WORK/artifacts" "$OUT" --parts 2
+[ -d "$WORK/artifacts" ] && $PY tools/device/pack_outputs.py "$WORK/artifacts" "$OUT" --parts 2
 RC[pack]=$?
 rm -f "$OUT"/*.tmp
 RCS=""; for k in "${!RC[@]}"; do RCS="$RCS$k=${RC[$k]} "; done
-$PY bench/device/job_summary.py --out "$OUT" --carry "$CARRY" --profile "$PROFILE" --simpleitk "$SITK" \
+$PY tools/device/job_summary.py --out "$OUT" --carry "$CARRY" --profile "$PROFILE" --simpleitk "$SITK" \
   --rc "$RCS" --unpack-s "$UNPACK_S" --bench-s "$BENCH_S" --total-s "$(elapsed)"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,temperature.gpu,power.draw,clocks.sm,memory.used --format=csv
 say "done in $(elapsed)s"

@@ -1,7 +1,7 @@
 """Build the carry folder for the device job (run HERE, on the CPU, with the project venv).
 
-    .venv/bin/python bench/device/prepare.py                       # full profile -> .devcarry/
-    .venv/bin/python bench/device/prepare.py --profile tiny --carry /tmp/devcarry-tiny
+    .venv/bin/python tools/device/prepare.py                       # full profile -> .devcarry/
+    .venv/bin/python tools/device/prepare.py --profile tiny --carry /tmp/devcarry-tiny
 
 What goes into the carry folder (`.devcarry/`, ignored through .git/info/exclude; name it in `carry`):
 
@@ -100,7 +100,6 @@ def pack_lungs(lungs_dir: Path, out: Path, bits: int) -> dict:
              lung=np.frombuffer(lzma.compress(np.packbits(lung.ravel()).tobytes(), preset=6), np.uint8),
              values=np.frombuffer(lzma.compress(payload, preset=6), np.uint8))
     shutil.copyfile(lungs_dir / INDEX, out / INDEX)
-    sys.path.insert(0, str(Path(__file__).parent))
     from unpack import unpack_arrays
 
     image2, lung2 = unpack_arrays(out / "packed.npz")
@@ -156,7 +155,6 @@ def main() -> None:
     parser.add_argument("--max-mib", type=float, default=56.0, help="refuse a carry bigger than this")
     args = parser.parse_args()
 
-    sys.path.insert(0, str(ROOT / "src"))
     from covseg.config import load_params
     from covseg.io import sha256_file as sha256
 
