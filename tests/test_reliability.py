@@ -100,9 +100,8 @@ def _closed_port() -> int:
 
 
 def test_checkpoint_resumes_only_when_nothing_upstream_changed(tmp_path: Path) -> None:
-    """A killed MIL run must not resume after an upstream parameter or an upstream output changed."""
-    import os
-
+    """A killed MIL run must not resume after an upstream parameter or an upstream output changed; it must
+    resume when its inputs were only copied again (a pipeline task's retry downloads them anew)."""
     from covseg.config import load_params
     from covseg.training import checkpoint_path
 
@@ -114,8 +113,13 @@ def test_checkpoint_resumes_only_when_nothing_upstream_changed(tmp_path: Path) -
     assert checkpoint_path(tmp_path / "ckpt", "mil", params, [upstream]) == name  # same run: resumes
     changed = {**params, "classify": {**params["classify"], "tissue_ceiling": 0.6}}  # not a MIL setting
     assert checkpoint_path(tmp_path / "ckpt", "mil", changed, [upstream]) != name
-    stat = (upstream / "classifier.pt").stat()
-    os.utime(upstream / "classifier.pt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # retrained
+    time.sleep(0.01)
+    downloaded = tmp_path / "again" / "classify"
+    downloaded.mkdir(parents=True)
+    (downloaded / "classifier.pt").write_bytes(b"weights")  # same bytes, a new file (new mtime)
+    assert (downloaded / "classifier.pt").stat().st_mtime_ns != (upstream / "classifier.pt").stat().st_mtime_ns
+    assert checkpoint_path(tmp_path / "ckpt", "mil", params, [downloaded]) == name
+    (upstream / "classifier.pt").write_bytes(b"weights of a retrained classifier")
     assert checkpoint_path(tmp_path / "ckpt", "mil", params, [upstream]) != name
 
 
@@ -163,3 +167,73 @@ def test_atomic_dir_sweeps_only_leftovers_of_dead_processes(tmp_path: Path) -> N
     assert (tmp_path / "out" / "f.txt").read_text() == "x"
     assert not any(p.exists() for p in stale)
     assert all(p.exists() for p in live)  # a running process's scratch, and another target's, stay
+
+
+def test_durable_checkpoints_in_a_folder_keep_a_failed_stage_and_sweep_a_finished_one(tmp_path: Path) -> None:
+    from covseg.checkpoint_store import durable_checkpoints
+
+    root = tmp_path / "pipeline-root" / "checkpoints"
+    (root / "mil").mkdir(parents=True)
+    (root / "mil" / "mil-0000000000000000.ckpt").write_bytes(b"old key")
+    (root / "segment").mkdir()
+    (root / "segment" / "segmenter-1111111111111111.ckpt").write_bytes(b"another stage's")
+    try:
+        with durable_checkpoints(str(root), "mil") as folder:
+            assert folder == root / "mil"
+            (folder / "mil-2222222222222222.ckpt").write_bytes(b"epoch 3")
+            raise RuntimeError("killed")
+    except RuntimeError:
+        pass
+    assert sorted(p.name for p in (root / "mil").iterdir()) == ["mil-0000000000000000.ckpt",
+                                                                 "mil-2222222222222222.ckpt"]
+    with durable_checkpoints(str(root), "mil") as folder:
+        (folder / "mil-2222222222222222.ckpt").unlink()  # what fit does when training completes
+    assert list((root / "mil").iterdir()) == [], "a finished stage sweeps the old keys"
+    assert (root / "segment" / "segmenter-1111111111111111.ckpt").is_file(), "and only its own folder"
+
+    with durable_checkpoints("", "mil") as scratch:
+        (scratch / "mil-3333333333333333.ckpt").write_bytes(b"lives with the task")
+    assert not scratch.exists()
+
+
+def test_durable_checkpoints_on_s3_mirror_each_epoch_and_survive_the_task(moto_server: Any) -> None:
+    """The S3 mirror of a stage's checkpoints: pulled first, each rewrite uploaded while the stage runs,
+    left on S3 when the stage fails (the rerun's), swept when a later run of the stage finishes."""
+    from covseg.checkpoint_store import durable_checkpoints
+
+    bucket = f"covseg-mirror-{uuid.uuid4().hex[:8]}"
+    moto_server.create_bucket(bucket)
+    s3 = moto_server.s3_client()
+    s3.put_object(Bucket=bucket, Key="root/classify/classifier-0000000000000000.ckpt", Body=b"old key")
+    s3.put_object(Bucket=bucket, Key="root/mil/mil-0000000000000000.ckpt", Body=b"another stage's")
+    root, endpoint = f"s3://{bucket}/root", moto_server.endpoint_url
+
+    def remote(stage: str) -> dict[str, bytes]:
+        listing = s3.list_objects_v2(Bucket=bucket, Prefix=f"root/{stage}/").get("Contents", [])
+        return {o["Key"].rsplit("/", 1)[1]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+                for o in listing}
+
+    def wait_for(stage: str, name: str, body: bytes) -> None:
+        deadline = time.monotonic() + 20
+        while remote(stage).get(name) != body:
+            assert time.monotonic() < deadline, f"{name} not mirrored: {remote(stage)}"
+            time.sleep(0.1)
+
+    own = "classifier-2222222222222222.ckpt"
+    try:
+        with durable_checkpoints(root, "classify", endpoint, interval_s=0.1) as folder:
+            assert (folder / "classifier-0000000000000000.ckpt").read_bytes() == b"old key"  # pulled
+            for epoch in (1, 2):
+                tmp = folder / f"{own}.tmp"
+                tmp.write_bytes(f"after epoch {epoch}".encode())
+                tmp.replace(folder / own)  # as fit writes them
+                wait_for("classify", own, f"after epoch {epoch}".encode())
+            raise RuntimeError("pod evicted")
+    except RuntimeError:
+        pass
+    assert remote("classify") == {"classifier-0000000000000000.ckpt": b"old key", own: b"after epoch 2"}
+    with durable_checkpoints(root, "classify", endpoint, interval_s=0.1) as folder:
+        assert (folder / own).read_bytes() == b"after epoch 2"  # the rerun resumes from here
+        (folder / own).unlink()
+    assert remote("classify") == {}, "a finished stage leaves no checkpoint on S3"
+    assert remote("mil") == {"mil-0000000000000000.ckpt": b"another stage's"}

@@ -105,7 +105,7 @@ def _train(slices: SliceSet, train_rows: pd.DataFrame, targets: np.ndarray, weig
             losses.append(loss.detach())
         return {"loss": epoch_mean(losses)}
 
-    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint, desc)
+    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint, desc, rngs=(rng, generator))
     return model.eval(), history
 
 

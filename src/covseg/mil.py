@@ -168,7 +168,7 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
         return {"loss": epoch_mean(losses), "active_bags": float(len(active))}
 
     checkpoint = checkpoint_path(checkpoint_dir, "mil", params, [lungs_dir, classify_dir, coarse_dir])
-    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint, "mil")
+    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint, "mil", rngs=(rng,))
     model.eval()
     save_model(model.cpu(), out_dir / MODEL, {"width": params["classify"]["width"], "grid": cfg["grid"],
                                              "patch": cfg["patch"], "init": cfg["init"]})

@@ -83,7 +83,7 @@ def train_segmenter(lungs_dir: str | Path, mil_dir: str | Path, out_dir: str | P
         return {"loss": epoch_mean(losses)}
 
     checkpoint = checkpoint_path(checkpoint_dir, "segmenter", params, [lungs_dir, mil_dir])
-    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint, "segment")
+    history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint, "segment", rngs=(rng, generator))
     save_model(model.cpu(), Path(out_dir) / MODEL, {"features": list(cfg["features"]),
                                                    "image_size": params["image_size"],
                                                    "seed": params["seed"], "profile": params["profile"],

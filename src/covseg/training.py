@@ -155,11 +155,14 @@ def batches(n_items: int, batch_size: int, weights: np.ndarray | None, rng: np.r
 
 
 def fit(model: nn.Module, epochs: int, run_epoch: Callable[[int], dict[str, float]],
-        optimizer: torch.optim.Optimizer, checkpoint: Path, desc: str) -> list[dict[str, Any]]:
+        optimizer: torch.optim.Optimizer, checkpoint: Path, desc: str,
+        rngs: Sequence[np.random.Generator | torch.Generator] = ()) -> list[dict[str, Any]]:
     """Run `run_epoch(epoch)` for each epoch, checkpointing model + optimizer + history after each one.
 
     If `checkpoint` exists (a killed run), training resumes after its last finished epoch; it is removed
     once training completes. Name it with `checkpoint_path` so a changed configuration never resumes.
+    The states of `rngs` (the generators `run_epoch` draws from) and of torch's global generators (dropout)
+    are checkpointed too, so a resumed run ends with the weights an uninterrupted one would have.
     """
     history: list[dict[str, Any]] = []
     start = 0
@@ -169,6 +172,7 @@ def fit(model: nn.Module, epochs: int, run_epoch: Callable[[int], dict[str, floa
         optimizer.load_state_dict(state["optimizer"])
         history = json.loads(state["history"])
         start = len(history)
+        _set_random_state(state["random"], rngs)
     bar = tqdm(range(start, epochs), desc=desc, unit="epoch", initial=start, total=epochs)
     for epoch in bar:
         model.train()
@@ -177,21 +181,47 @@ def fit(model: nn.Module, epochs: int, run_epoch: Callable[[int], dict[str, floa
         bar.set_postfix({k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
         tmp = checkpoint.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "history": json.dumps(history)}, tmp)
+                    "history": json.dumps(history), "random": _random_state(rngs)}, tmp)
         tmp.replace(checkpoint)
     checkpoint.unlink(missing_ok=True)
     return history
 
 
+def _random_state(rngs: Sequence[np.random.Generator | torch.Generator]) -> dict[str, Any]:
+    """The generators' states as tensors and JSON (what `torch.load(weights_only=True)` reads back)."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "rngs": [g.get_state() if isinstance(g, torch.Generator) else json.dumps(g.bit_generator.state)
+                     for g in rngs]}
+
+
+def _set_random_state(state: dict[str, Any], rngs: Sequence[np.random.Generator | torch.Generator]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for generator, saved in zip(rngs, state["rngs"], strict=True):
+        if isinstance(generator, torch.Generator):
+            generator.set_state(saved)
+        else:
+            generator.bit_generator.state = json.loads(saved)
+
+
 def checkpoint_path(folder: str | Path, name: str, params: dict[str, Any], inputs: Sequence[str | Path]) -> Path:
     """`folder/<name>-<hash>.ckpt`, the hash over all of `params` and the top-level files of the `inputs`
-    folders (name, size, mtime): a killed run resumes only when nothing changed, upstream included (an
-    upstream parameter, a retrained classifier, new data). Deliberately conservative: any parameter change,
-    or a re-copy of the inputs, starts training afresh."""
+    folders (name, size, SHA-256): a killed run resumes only when nothing changed, upstream included (an
+    upstream parameter, a retrained classifier, new data). Deliberately conservative: any parameter change
+    starts training afresh. Content, not modification time: a pipeline task rerun on another pod gets its
+    inputs downloaded anew (new mtimes, same bytes) and must still find its checkpoint."""
+    import hashlib
+
     from covseg.config import params_hash
 
+    def sha256(path: Path) -> str:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+
     files = sorted(f for d in inputs for f in Path(d).iterdir() if f.is_file())
-    fingerprint = [[f.parent.name, f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    fingerprint = [[f.parent.name, f.name, f.stat().st_size, sha256(f)] for f in files]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{name}-{params_hash({'params': params, 'inputs': fingerprint})}.ckpt"
