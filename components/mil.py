@@ -8,29 +8,33 @@ from components.settings import BASE_IMAGE, log_numbers, use_tracking
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False, additional_funcs=[log_numbers, use_tracking])
 def mil(slices: Input[Dataset], classifier: Input[Model], coarse_labels: Input[Dataset], params_json: str,
-        mlflow_tracking_uri: str, data_version: str, fine_labels: Output[Dataset],
-        metrics: Output[Metrics]) -> None:
+        mlflow_tracking_uri: str, data_version: str, checkpoint_root: str, s3_endpoint_url: str,
+        fine_labels: Output[Dataset], metrics: Output[Metrics]) -> None:
     """Trains the MIL network (5x5 patch instances, easy -> hard bags) and writes the fine labels.
 
-    Binds `covseg.stages.mil`. Epoch checkpoints go to a temporary folder that lives as long as the task.
+    Binds `covseg.stages.mil`, its epoch checkpoints kept by `covseg.checkpoint_store.durable_checkpoints`.
 
     Args:
-        data_version: The run's data version (DVC md5), a lineage tag of the MLflow run.
         slices: The lungs output.
         classifier: The classify output (its encoder initialises the MIL network).
         coarse_labels: The coarse output.
         params_json: The merged parameter profile as JSON.
         mlflow_tracking_uri: MLflow server for the stage run; empty turns tracking off.
+        data_version: The run's data version (DVC md5), a lineage tag of the MLflow run.
+        checkpoint_root: Where the epoch checkpoints outlive the task, so a rerun of a killed task resumes
+            (`covseg.checkpoint_store`): ``s3://...`` on the cluster (the pipeline's default: under its
+            pipeline root), a folder with kfp.local; empty keeps them in the task's temporary folder.
+        s3_endpoint_url: S3 endpoint of an s3:// `checkpoint_root` (MinIO in dev); empty for AWS S3.
         fine_labels: Output folder: ``fine.npz``, ``fine.parquet``, ``metrics.json``.
         metrics: The MIL quality numbers (validation bag and negative-instance accuracy).
     """
     import json
-    import tempfile
 
     from covseg import stages
+    from covseg.checkpoint_store import durable_checkpoints
 
     use_tracking(mlflow_tracking_uri, data_version)
-    with tempfile.TemporaryDirectory(prefix="covseg-ckpt-") as checkpoints:
+    with durable_checkpoints(checkpoint_root, "mil", s3_endpoint_url) as checkpoints:
         result = stages.mil(slices.path, classifier.path, coarse_labels.path, fine_labels.path,
                             json.loads(params_json), checkpoints)
     log_numbers(metrics, result["quality"])

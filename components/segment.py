@@ -8,10 +8,11 @@ from components.settings import BASE_IMAGE, use_tracking
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False, additional_funcs=[use_tracking])
 def segment(slices: Input[Dataset], fine_labels: Input[Dataset], params_json: str, mlflow_tracking_uri: str,
-            data_version: str, segmenter: Output[Model], metrics: Output[Metrics]) -> None:
+            data_version: str, checkpoint_root: str, s3_endpoint_url: str, segmenter: Output[Model],
+            metrics: Output[Metrics]) -> None:
     """Trains the U-Net on the lung-masked slices and their fine labels.
 
-    Binds `covseg.stages.segment`. Epoch checkpoints go to a temporary folder that lives as long as the task.
+    Binds `covseg.stages.segment`, its epoch checkpoints kept by `covseg.checkpoint_store.durable_checkpoints`.
 
     Args:
         slices: The lungs output.
@@ -19,16 +20,20 @@ def segment(slices: Input[Dataset], fine_labels: Input[Dataset], params_json: st
         params_json: The merged parameter profile as JSON.
         mlflow_tracking_uri: MLflow server for the stage run; empty turns tracking off.
         data_version: The run's data version (DVC md5), a lineage tag of the MLflow run.
+        checkpoint_root: Where the epoch checkpoints outlive the task, so a rerun of a killed task resumes
+            (`covseg.checkpoint_store`): ``s3://...`` on the cluster (the pipeline's default: under its
+            pipeline root), a folder with kfp.local; empty keeps them in the task's temporary folder.
+        s3_endpoint_url: S3 endpoint of an s3:// `checkpoint_root` (MinIO in dev); empty for AWS S3.
         segmenter: Output folder: ``segmenter.pt`` (+ its JSON metadata) and ``metrics.json``.
         metrics: Training size and the last epoch's loss.
     """
     import json
-    import tempfile
 
     from covseg import stages
+    from covseg.checkpoint_store import durable_checkpoints
 
     use_tracking(mlflow_tracking_uri, data_version)
-    with tempfile.TemporaryDirectory(prefix="covseg-ckpt-") as checkpoints:
+    with durable_checkpoints(checkpoint_root, "segment", s3_endpoint_url) as checkpoints:
         result = stages.segment(slices.path, fine_labels.path, segmenter.path, json.loads(params_json),
                                 checkpoints)
     metrics.log_metric("n_train", result["n_train"])

@@ -18,6 +18,10 @@ GPU_IMAGE = os.environ.get("COVSEG_GPU_IMAGE", "ghcr.io/covseg/covseg-gpu:0.1.0"
 MLFLOW_TRACKING_URI = "http://mlflow.covseg.svc.cluster.local:5000"
 """The in-cluster MLflow server (infra/base/covseg/mlflow.yaml): the pipeline's default tracking URI."""
 
+CHECKPOINT_ROOT = "s3://covseg-pipelines/v2/artifacts/covseg-checkpoints"
+"""Where the training tasks' epoch checkpoints outlive their pods: under the pipeline root that
+infra/base/pipeline-runs/kfp-launcher.yaml sets (``defaultPipelineRoot``); the pipeline's default."""
+
 
 def log_numbers(metrics: dsl.Metrics, values: dict, prefix: str = "") -> None:
     """Logs every finite number of a nested dict into a KFP Metrics artifact.

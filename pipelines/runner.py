@@ -48,7 +48,7 @@ def compile_pipeline(out: str | Path | None = None, profile: str = "quick") -> P
 
 def run_local(profile: str = "tiny", data_path: str | Path | None = None, pipeline_root: str | Path | None = None,
               *, data_version: str = "", mlflow_tracking_uri: str | None = None,
-              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+              overrides: dict[str, Any] | None = None, checkpoint_root: str | Path | None = None) -> dict[str, Any]:
     """Runs the training pipeline on this machine with kfp.local (one subprocess per task, this Python).
 
     Every task runs the same component code as on the cluster, in a process of its own, reading and
@@ -64,6 +64,8 @@ def run_local(profile: str = "tiny", data_path: str | Path | None = None, pipeli
             else the project's ``sqlite:///mlflow.db`` (as ``covseg run``). Empty turns tracking off, which
             the register step refuses.
         overrides: Merged over the profile's parameters (e.g. ``{"register": {"name": "covseg-dev"}}``).
+        checkpoint_root: Where the training tasks keep their epoch checkpoints; default
+            ``<pipeline_root>/checkpoints``, so a rerun after a killed run resumes its training.
 
     Returns:
         ``{"evaluation": <Table-1 dict of evaluate's metrics.json>, "model_version": str, "decision": str,
@@ -81,6 +83,7 @@ def run_local(profile: str = "tiny", data_path: str | Path | None = None, pipeli
     data_arg = data if data.startswith("s3://") else str(Path(data).resolve())
     root = Path(pipeline_root) if pipeline_root is not None else repo_root() / "local_outputs"
     root.mkdir(parents=True, exist_ok=True)
+    checkpoints = str(checkpoint_root) if checkpoint_root is not None else str(root.resolve() / "checkpoints")
     uri = tracking.tracking_uri() if mlflow_tracking_uri is None else mlflow_tracking_uri
     env = {**_TELEMETRY_OFF, "COVSEG_PIPELINE_RUN_ID": f"local-{uuid.uuid4().hex[:12]}"}
     saved = {key: os.environ.get(key) for key in env}
@@ -95,7 +98,7 @@ def run_local(profile: str = "tiny", data_path: str | Path | None = None, pipeli
             warnings.filterwarnings("ignore", message=".*no effect in the current local runner")
             task = train_pipeline.training_pipeline(params_json=train_pipeline.params_to_json(params),
                                                     data_path=data_arg, data_version=data_version,
-                                                    mlflow_tracking_uri=uri)
+                                                    mlflow_tracking_uri=uri, checkpoint_root=checkpoints)
     finally:
         for key, value in saved.items():
             if value is None:

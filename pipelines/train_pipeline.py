@@ -4,7 +4,9 @@ gate B -> segment -> evaluate -> register, one component per stage (``components
 Placement comes from ``infra/gpu_pool.json`` through `covseg.gpu_pool.load` (the file Terraform builds
 the GPU node pool from): the GPU tasks (classify, coarse, mil, segment) request one accelerator of its
 resource, select its node label and tolerate its taint, and run the CUDA image. Every task requests and
-limits CPU and memory. kfp.local ignores placement, so the same graph also runs on one machine
+limits CPU and memory. The training tasks (classify, MIL, segment) keep their epoch checkpoints under
+`checkpoint_root` (S3, beside the run's artifacts) and are retried: a killed pod's retry resumes after its
+last finished epoch. kfp.local ignores placement and retries, so the same graph also runs on one machine
 (`pipelines.runner.run_local`).
 
 Compile with ``covseg pipeline compile`` (`pipelines.runner.compile_pipeline`), not by hand: the committed
@@ -29,7 +31,7 @@ from components.lungs import lungs
 from components.mil import mil
 from components.register import register
 from components.segment import segment
-from components.settings import GPU_IMAGE, MLFLOW_TRACKING_URI
+from components.settings import CHECKPOINT_ROOT, GPU_IMAGE, MLFLOW_TRACKING_URI
 from covseg import gpu_pool
 from covseg.config import load_params
 
@@ -55,11 +57,17 @@ RESOURCES = {
 }
 GPU_TASKS = ("classify", "coarse", "mil", "segment")
 TRACKED_TASKS = ("classify", "mil", "segment", "evaluate", "register")
+TRAINING_TASKS = ("classify", "mil", "segment")
+"""Tasks with epoch checkpoints under `checkpoint_root`: a retry after a killed pod resumes its training."""
+RETRIED_TASKS = ("ingest", *TRAINING_TASKS, "register")
 RETRIES = 2
-"""Retries of the steps that talk to outside services (ingest: S3; register: the MLflow server)."""
+"""Retries of the steps that talk to outside services (ingest: S3; register: the MLflow server) and of the
+training steps (a preempted or evicted pod: the retry resumes from the last epoch checkpoint)."""
 
 S3_SECRET = "covseg-s3"
-"""Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for the DVC remote (infra/secrets.example.env)."""
+"""Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for the DVC remote and the checkpoint root
+(infra/secrets.example.env)."""
+S3_TASKS = ("ingest", *TRAINING_TASKS)
 
 
 class TrainingOutputs(NamedTuple):
@@ -86,7 +94,7 @@ def _configure(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
     task.set_memory_request(memory_request).set_memory_limit(memory_limit)
     # register reads and changes the model registry (the current champion): a cached decision would be stale.
     task.set_caching_options(enable_caching=name != "register")
-    if name in ("ingest", "register"):
+    if name in RETRIED_TASKS:
         task.set_retry(num_retries=RETRIES, backoff_duration="15s", backoff_factor=2.0)
     if name in GPU_TASKS:
         pool = gpu_pool.load()
@@ -100,7 +108,7 @@ def _configure(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
         # The KFP API server labels every pod of a run with its run id: it tags the stage's MLflow run.
         kubernetes.use_field_path_as_env(task, env_name="COVSEG_PIPELINE_RUN_ID",
                                          field_path="metadata.labels['pipeline/runid']")
-    if name == "ingest":
+    if name in S3_TASKS:
         kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={
             "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"},
             optional=True)
@@ -115,6 +123,7 @@ def training_pipeline(
     data_version: str = "",
     s3_endpoint_url: str = "",
     mlflow_tracking_uri: str = MLFLOW_TRACKING_URI,
+    checkpoint_root: str = CHECKPOINT_ROOT,
 ) -> TrainingOutputs:
     """Trains, gates, evaluates and registers the covseg segmenter.
 
@@ -125,9 +134,12 @@ def training_pipeline(
             the project's DVC remote, e.g. ``s3://covseg-dvc``.
         data_version: DVC md5 of the data (``data.dvc``); with an s3:// `data_path` that version is fetched
             and verified. Part of the ingest cache key: a new version re-runs everything downstream.
-        s3_endpoint_url: S3 endpoint for `data_path` (MinIO in dev); empty for AWS S3.
+        s3_endpoint_url: S3 endpoint for `data_path` and `checkpoint_root` (MinIO in dev); empty for AWS S3.
         mlflow_tracking_uri: MLflow server of the stage runs and the model registry; empty runs without
             tracking and skips registering.
+        checkpoint_root: Where classify, MIL and segment keep their epoch checkpoints (``s3://`` or a
+            folder), keyed by parameters and inputs: a retried or rerun task resumes after its last finished
+            epoch. Default: under the cluster's pipeline root. Empty: in the task's temporary folder.
 
     Returns:
         evaluation: The evaluate output (``metrics.json``: Table-1 rows coarse / fine / final, ``panel.png``).
@@ -135,24 +147,26 @@ def training_pipeline(
         decision: Its promotion decision: ``champion``, ``challenger`` or ``skipped``.
     """
     tracking = {"mlflow_tracking_uri": mlflow_tracking_uri, "data_version": data_version}
+    checkpoints = {"checkpoint_root": checkpoint_root, "s3_endpoint_url": s3_endpoint_url}
     ingest_task = _configure(ingest(data_path=data_path, data_version=data_version,
                                     s3_endpoint_url=s3_endpoint_url, params_json=params_json), "ingest")
     ingested = ingest_task.outputs["ingested"]
     gate0_task = _configure(gate0(ingested=ingested, params_json=params_json), "gate0")
     lungs_task = _configure(lungs(ingested=ingested, params_json=params_json), "lungs").after(gate0_task)
     slices = lungs_task.outputs["slices"]
-    classify_task = _configure(classify(slices=slices, params_json=params_json, **tracking), "classify")
+    classify_task = _configure(classify(slices=slices, params_json=params_json, **tracking, **checkpoints),
+                               "classify")
     classifier = classify_task.outputs["classifier"]
     coarse_task = _configure(coarse(slices=slices, classifier=classifier, params_json=params_json), "coarse")
     coarse_labels = coarse_task.outputs["coarse_labels"]
     gate_a_task = _configure(gate_a(classifier=classifier, coarse_labels=coarse_labels, params_json=params_json),
                              "gate-a")
     mil_task = _configure(mil(slices=slices, classifier=classifier, coarse_labels=coarse_labels,
-                              params_json=params_json, **tracking), "mil").after(gate_a_task)
+                              params_json=params_json, **tracking, **checkpoints), "mil").after(gate_a_task)
     fine_labels = mil_task.outputs["fine_labels"]
     gate_b_task = _configure(gate_b(fine_labels=fine_labels, params_json=params_json), "gate-b")
-    segment_task = _configure(segment(slices=slices, fine_labels=fine_labels, params_json=params_json, **tracking),
-                              "segment").after(gate_b_task)
+    segment_task = _configure(segment(slices=slices, fine_labels=fine_labels, params_json=params_json, **tracking,
+                                      **checkpoints), "segment").after(gate_b_task)
     segmenter = segment_task.outputs["segmenter"]
     evaluate_task = _configure(evaluate(ingested=ingested, slices=slices, coarse_labels=coarse_labels,
                                         fine_labels=fine_labels, segmenter=segmenter, params_json=params_json,

@@ -6,9 +6,12 @@ real artifact folders; only the cluster settings (placement, resources, retries,
 """
 
 import difflib
+import io
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -36,6 +39,7 @@ SDK_VERSION_KEYS = {"sdkVersion"}
 STAGES = ("ingest", "gate0", "lungs", "classify", "coarse", "gate-a", "mil", "gate-b", "segment", "evaluate",
           "register")
 GPU_TASKS = {"classify", "coarse", "mil", "segment"}
+TRAINING_TASKS = {"classify", "mil", "segment"}
 ROW_KEYS = ("dice", "iou", "ppv", "sensitivity", "specificity")
 # Four short real DICOM series (both labels in train and in validation), two JPEG volumes, four medseg pairs:
 # every split the stages need, in a tree small enough for kfp.local's one-process-per-task on 2 cores.
@@ -136,8 +140,28 @@ def test_gates_guard_the_next_stage_and_retries_caching_are_set(compiled: list[d
     assert "gate-b" in tasks["segment"]["dependentTasks"]
     for name, task in tasks.items():
         retries = task.get("retryPolicy", {}).get("maxRetryCount", 0)
-        assert (retries > 0) == (name in ("ingest", "register")), name
+        assert (retries > 0) == (name in {"ingest", "register"} | TRAINING_TASKS), name
         assert task["cachingOptions"].get("enableCache", False) == (name != "register"), name
+
+
+def test_training_tasks_resume_from_checkpoints_under_the_pipeline_root(compiled: list[dict[str, Any]]) -> None:
+    """classify, MIL and segment get the checkpoint root (default: the cluster's pipeline root, where
+    infra's kfp-launcher puts it) and the S3 credentials to reach it; a retry of a killed pod resumes."""
+    spec, platform = compiled
+    launcher = yaml.safe_load((REPO_ROOT / "infra" / "base" / "pipeline-runs" / "kfp-launcher.yaml").read_text())
+    default = spec["root"]["inputDefinitions"]["parameters"]["checkpoint_root"]["defaultValue"]
+    assert default.startswith(launcher["data"]["defaultPipelineRoot"].rstrip("/") + "/")
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name, task in _tasks(spec).items():
+        parameters = task["inputs"]["parameters"]
+        assert ("checkpoint_root" in parameters) == (name in TRAINING_TASKS), name
+        label, _ = _executor(spec, task)
+        secrets = [s["secretName"] for s in k8s.get(label, {}).get("secretAsEnv", [])]
+        assert ("covseg-s3" in secrets) == (name in TRAINING_TASKS | {"ingest"}), name
+    for name in TRAINING_TASKS:
+        parameters = _tasks(spec)[name]["inputs"]["parameters"]
+        assert parameters["checkpoint_root"] == {"componentInputParameter": "checkpoint_root"}
+        assert parameters["s3_endpoint_url"] == {"componentInputParameter": "s3_endpoint_url"}
 
 
 # --- kfp.local on real data from a DVC remote ------------------------------------------------------------------
@@ -211,6 +235,10 @@ def test_local_run_trains_and_evaluates_end_to_end(local_run: dict[str, Any]) ->
     logged = executor_output["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     assert logged["final.dice"] == pytest.approx(table["final"]["dice"])
     assert (local_run["model_version"], local_run["decision"]) == ("", "skipped"), "no MLflow: nothing registered"
+    # Epoch checkpoints went under the pipeline root, one folder per training stage, swept once it finished.
+    checkpoints = run_dir.parent / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == sorted(TRAINING_TASKS)
+    assert [p for p in checkpoints.rglob("*") if p.is_file()] == []
     print(f"kfp.local run: {local_run['seconds']:.0f} s")
 
 
@@ -366,3 +394,117 @@ def test_fetch_data_from_a_plain_prefix_and_a_folder(moto_server: Any, tmp_path:
     assert fetch_data(str(tmp_path), tmp_path / "unused") == tmp_path
     with pytest.raises(InputError, match="raw data folder not found"):
         fetch_data(str(tmp_path / "nowhere"), tmp_path / "unused")
+
+
+# --- a killed training task resumes from checkpoints under the pipeline root -------------------------------------
+
+RESUME_EPOCHS = 6
+BAR = re.compile(r"classify:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+) ")
+# A pipeline of one training task, run by kfp.local in its own process group (killed as a pod would be).
+CLASSIFY_ONLY = """
+import sys
+from kfp import dsl, local
+from components.classify import classify
+
+pipeline_root, lungs, params_json, checkpoint_root, endpoint = sys.argv[1:6]
+
+
+@dsl.pipeline(name="classify-only")
+def classify_only() -> None:
+    slices = dsl.importer(artifact_uri=lungs, artifact_class=dsl.Dataset).output
+    classify(slices=slices, params_json=params_json, mlflow_tracking_uri="", data_version="",
+             checkpoint_root=checkpoint_root, s3_endpoint_url=endpoint)
+
+
+local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root, raise_on_error=True)
+classify_only()
+"""
+
+
+def _classify_task(pipeline_root: Path, lungs: Path, params: dict[str, Any], checkpoint_root: str,
+                   endpoint: str, log: Path, kill_when: Any = None) -> subprocess.Popen[bytes]:
+    """Runs CLASSIFY_ONLY; with `kill_when`, SIGKILLs its whole process group once `kill_when()` is true."""
+    env = {**os.environ, **TELEMETRY_OFF, "OMP_NUM_THREADS": "1"}  # 1 thread: 2 spin-waiting ones crawl here
+    cmd = [sys.executable, "-c", CLASSIFY_ONLY, str(pipeline_root), str(lungs), json.dumps(params), checkpoint_root,
+           endpoint]
+    with open(log, "wb") as out:
+        task = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        if kill_when is None:
+            task.wait(timeout=300)
+            return task
+        deadline = time.monotonic() + 240
+        while not kill_when():
+            assert task.poll() is None, f"finished before it could be killed:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint on S3 after 240 s"
+            time.sleep(0.05)
+        os.killpg(task.pid, signal.SIGKILL)  # the driver and the task process: the pod is gone
+        task.wait(timeout=30)
+        return task
+    finally:
+        if task.poll() is None:
+            os.killpg(task.pid, signal.SIGKILL)
+            task.wait(timeout=30)
+
+
+def _classifier_output(pipeline_root: Path, log: Path) -> Path:
+    """The classifier folder of the one finished run under `pipeline_root`."""
+    done = [p for p in pipeline_root.glob("classify-only-*/classify/classifier") if (p / "classifier.pt").is_file()]
+    assert len(done) == 1, log.read_text()[-3000:]
+    return done[0]
+
+
+@pytest.mark.slow
+def test_killed_training_task_resumes_from_checkpoints_on_s3(trained_tiny: Any, moto_server: Any,
+                                                            tmp_path: Path) -> None:
+    """A classify task killed mid-training (SIGKILL, like a lost pod) reruns and resumes after its last epoch.
+
+    The checkpoints live on (moto) S3 as on the cluster, and the rerun reads its input from a fresh copy
+    (new files, same bytes, as a new pod downloads it): the rerun skips the finished epochs and ends with
+    the weights of an uninterrupted run; a checkpoint of an old key is swept once the stage finishes.
+    """
+    import torch
+
+    from covseg.config import load_params
+
+    params = load_params("tiny")
+    params["classify"].update(epochs=RESUME_EPOCHS, draws_per_epoch=256, probe_epochs=0)
+    bucket = f"covseg-ckpt-{uuid.uuid4().hex[:8]}"
+    moto_server.create_bucket(bucket)
+    s3 = moto_server.s3_client()
+    stale = "checkpoints/classify/classifier-0123456789abcdef.ckpt"
+    s3.put_object(Bucket=bucket, Key=stale, Body=b"a killed run's checkpoint from before a parameter change")
+    root, endpoint = f"s3://{bucket}/checkpoints", moto_server.endpoint_url
+
+    def checkpoints() -> list[str]:
+        listing = s3.list_objects_v2(Bucket=bucket, Prefix="checkpoints/classify/").get("Contents", [])
+        return [o["Key"] for o in listing]
+
+    killed = _classify_task(tmp_path / "outputs", trained_tiny.stage("lungs"), params, root, endpoint,
+                            tmp_path / "killed.log", kill_when=lambda: len(checkpoints()) > 1)
+    assert killed.returncode == -signal.SIGKILL
+    [key] = [k for k in checkpoints() if k != stale]
+    state = torch.load(io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read()), weights_only=True)
+    done = json.loads(state["history"])
+    assert 1 <= len(done) < RESUME_EPOCHS, f"killed after {len(done)} epochs: not mid-training"
+
+    lungs_again = Path(shutil.copytree(trained_tiny.stage("lungs"), tmp_path / "downloaded-again" / "lungs"))
+    log = tmp_path / "rerun.log"
+    rerun = _classify_task(tmp_path / "outputs", lungs_again, params, root, endpoint, log)
+    assert rerun.returncode == 0, log.read_text()[-3000:]
+    counts = [(int(m[1]), int(m[2])) for m in BAR.finditer(log.read_text())]
+    assert counts and counts[0] == (len(done), RESUME_EPOCHS), f"rerun did not start at {len(done)}: {counts[:3]}"
+    resumed = _classifier_output(tmp_path / "outputs", log)
+    history = json.loads((resumed / "metrics.json").read_text())["history"]
+    assert history[:len(done)] == done and [h["epoch"] for h in history] == list(range(RESUME_EPOCHS))
+    assert checkpoints() == [], "the finished stage sweeps its own checkpoint and the old key's"
+
+    log = tmp_path / "uninterrupted.log"
+    whole = _classify_task(tmp_path / "whole", trained_tiny.stage("lungs"), params, "", "", log)
+    assert whole.returncode == 0, log.read_text()[-3000:]
+    uninterrupted = _classifier_output(tmp_path / "whole", log)
+    assert json.loads((uninterrupted / "metrics.json").read_text()) == json.loads(
+        (resumed / "metrics.json").read_text()), "losses and validation AUC of the resumed run"
+    a, b = (torch.load(folder / "classifier.pt", weights_only=True) for folder in (resumed, uninterrupted))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights of the resumed run"
