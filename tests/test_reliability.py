@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from helpers import (
     BIN,
@@ -237,3 +238,17 @@ def test_durable_checkpoints_on_s3_mirror_each_epoch_and_survive_the_task(moto_s
         (folder / own).unlink()
     assert remote("classify") == {}, "a finished stage leaves no checkpoint on S3"
     assert remote("mil") == {"mil-0000000000000000.ckpt": b"another stage's"}
+
+
+def test_durable_checkpoints_out_of_reach_warn_once_and_train_on(caplog: pytest.LogCaptureFixture) -> None:
+    """A wrong endpoint (or missing bucket) for the checkpoint root must not cost the training itself."""
+    from covseg.checkpoint_store import durable_checkpoints
+
+    start = time.monotonic()
+    with caplog.at_level("WARNING", logger="covseg.checkpoint_store"), \
+            durable_checkpoints("s3://covseg-nowhere/root", "segment", f"http://127.0.0.1:{_closed_port()}") as folder:
+        (folder / "segmenter-4444444444444444.ckpt").write_bytes(b"epoch 1")
+    assert time.monotonic() - start < 30, "bounded: a short connect timeout and few retries"
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("s3://covseg-nowhere/root/segment is out of reach (Could not connect to the endpoint")
+    assert warning.endswith("): this task's checkpoints will not outlive it") and "\n" not in warning

@@ -16,7 +16,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ def durable_checkpoints(root: str, stage: str, endpoint_url: str = "", interval_
 
     On success every checkpoint left under ``<root>/<stage>`` is deleted (the stage's own were removed by
     `fit`; the rest are of old keys). On an exception the latest checkpoints stay for the rerun.
+    Durability is best effort: an S3 prefix that cannot be reached (wrong endpoint, no bucket, no access)
+    is one warning in the log, and the stage trains as it would without it.
     """
     if not root:  # no durable place given: the checkpoints live and die with this process
         with tempfile.TemporaryDirectory(prefix=f"covseg-ckpt-{stage}-") as scratch:
@@ -55,9 +57,15 @@ def durable_checkpoints(root: str, stage: str, endpoint_url: str = "", interval_
         for stale in folder.glob(PATTERN):
             stale.unlink(missing_ok=True)
         return
+    url = f"{root.rstrip('/')}/{stage}"
     with tempfile.TemporaryDirectory(prefix=f"covseg-ckpt-{stage}-") as scratch:
-        mirror = S3Mirror(f"{root.rstrip('/')}/{stage}", Path(scratch), endpoint_url)
-        mirror.pull()
+        mirror = S3Mirror(url, Path(scratch), endpoint_url)
+        try:
+            mirror.pull()
+        except mirror.errors as exc:
+            log.warning("%s is out of reach (%s): this task's checkpoints will not outlive it", url, exc)
+            yield Path(scratch)
+            return
         stop = threading.Event()
         thread = threading.Thread(target=mirror.run, args=(stop, interval_s), name=f"ckpt-mirror-{stage}",
                                   daemon=True)
@@ -67,8 +75,8 @@ def durable_checkpoints(root: str, stage: str, endpoint_url: str = "", interval_
         finally:
             stop.set()
             thread.join()
-            mirror.push()  # the last epoch's checkpoint (a failed stage), or the removals of a finished one
-        mirror.sweep()
+            mirror.attempt(mirror.push)  # the last epoch's checkpoint, or the removals of a finished stage
+        mirror.attempt(mirror.sweep)
 
 
 class S3Mirror:
@@ -76,11 +84,18 @@ class S3Mirror:
 
     def __init__(self, url: str, folder: Path, endpoint_url: str = "") -> None:
         import boto3
+        from boto3.exceptions import Boto3Error
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, ClientError
 
         self.bucket, _, prefix = url[len("s3://"):].partition("/")
         self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
         self.folder = folder
-        self.s3: Any = boto3.client("s3", endpoint_url=endpoint_url or None)
+        # Short connect timeout, few retries: an unreachable store must not hold the training up for minutes.
+        config = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"})
+        self.s3: Any = boto3.client("s3", endpoint_url=endpoint_url or None, config=config)
+        self.errors = (BotoCoreError, ClientError, Boto3Error)
+        """What a failed S3 call raises: endpoint unreachable, no bucket, no access, a failed upload."""
         self.pushed: dict[str, tuple[int, int]] = {}
         """Name -> (size, mtime_ns) of each file as it was last uploaded or downloaded."""
 
@@ -113,13 +128,20 @@ class S3Mirror:
             self.s3.delete_object(Bucket=self.bucket, Key=self.prefix + name)
             del self.pushed[name]
 
+    def attempt(self, operation: Callable[[], None]) -> bool:
+        """Runs one S3 operation; an S3 error is logged, not raised (the training it protects goes on)."""
+        try:
+            operation()
+        except self.errors as exc:
+            log.warning("checkpoints at s3://%s/%s: %s failed: %s", self.bucket, self.prefix, operation.__name__,
+                        exc)
+            return False
+        return True
+
     def run(self, stop: threading.Event, interval_s: float) -> None:
-        """Pushes every `interval_s` until `stop` is set; an S3 error is logged and retried next time."""
+        """Pushes every `interval_s` until `stop` is set; a failed push is retried the next time."""
         while not stop.wait(interval_s):
-            try:
-                self.push()
-            except Exception as exc:  # the mirror must never stop the training it protects
-                log.warning("checkpoint mirror to s3://%s/%s: %s", self.bucket, self.prefix, exc)
+            self.attempt(self.push)
 
     def sweep(self) -> None:
         """Deletes every checkpoint under the prefix: the stage finished, so all that is left is stale."""
