@@ -1,5 +1,6 @@
-"""The KFP training pipeline: the compiled YAML (golden file, GPU placement, resources, gate order), the whole
-graph run by kfp.local on real CT slices fetched from a DVC remote on moto S3, and the gate-A stop.
+"""The KFP training pipeline: the compiled YAML (golden file, GPU placement, resources, gate order, checkpoint
+root), the whole graph run by kfp.local on real CT slices fetched from a DVC remote on moto S3, the gate-A
+stop, and a training task killed mid-run that resumes from its checkpoints on S3.
 
 kfp.local runs every component in its own process with this venv's Python (no image), reading and writing
 real artifact folders; only the cluster settings (placement, resources, retries, caching) are ignored.

@@ -33,9 +33,9 @@ def instrument_fit(loops: list[dict]) -> None:
 
     original = training.fit
 
-    def timed_fit(model, epochs, run_epoch, optimizer, checkpoint, desc):  # noqa: ANN001, ANN202
+    def timed_fit(model, epochs, run_epoch, optimizer, checkpoint, desc, **options):  # noqa: ANN001, ANN202
         t0 = time.perf_counter()
-        history = original(model, epochs, run_epoch, optimizer, checkpoint, desc)
+        history = original(model, epochs, run_epoch, optimizer, checkpoint, desc, **options)
         loops.append({"loop": desc, "epochs": len(history), "seconds": round(time.perf_counter() - t0, 2)})
         print(f"    loop {desc}: {len(history)} epochs, {loops[-1]['seconds']} s", flush=True)
         return history
