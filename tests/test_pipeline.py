@@ -299,7 +299,8 @@ def test_gate_a_failure_stops_the_run_before_mil(local_run: dict[str, Any], tmp_
         labels = dsl.importer(artifact_uri=str(coarse), artifact_class=dsl.Dataset).output
         gate = gate_a(classifier=classifier, coarse_labels=labels, params_json=params_json)
         mil(slices=slices, classifier=classifier, coarse_labels=labels, params_json=params_json,
-            mlflow_tracking_uri="", data_version="").after(gate)
+            mlflow_tracking_uri="", data_version="", checkpoint_root=str(tmp_path / "checkpoints"),
+            s3_endpoint_url="").after(gate)
 
     root = tmp_path / "outputs"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
