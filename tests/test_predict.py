@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 from helpers import MEDSEG, copy_file, mlflow_at, series_files
 
-from covseg.io import InputError, read_dicom_series, read_slice
+from covseg.io import InputError, Study, read_dicom_series, read_slice
 from covseg.predict import (
     LEFT,
     LESION_NII,
@@ -29,6 +29,8 @@ from covseg.predict import (
     REPORT,
     RIGHT,
     LesionSegmenter,
+    StudyMasks,
+    build_report,
     predict_study,
 )
 
@@ -167,6 +169,53 @@ def test_jpeg_slice(jpeg: Path, segmenter: LesionSegmenter, tmp_path: Path) -> N
     # the same path as LesionSegmenter.predict_slices on the slice in the radiological view
     pred = segmenter.predict_slices([np.ascontiguousarray(np.rot90(image, MEDSEG_ROTATE))], "8bit")[0]
     np.testing.assert_array_equal(np.rot90(pred.prob >= 0.5, -MEDSEG_ROTATE), lesion)
+
+
+def test_build_report_counts_a_known_volume() -> None:
+    """build_report alone, on a volume whose lesion and lung voxels are placed by hand."""
+    z, h, w = 3, 8, 10
+    image = sitk.GetImageFromArray(np.full((z, h, w), -1000, dtype=np.int16))
+    image.SetSpacing((0.5, 0.8, 2.5))  # one voxel: 1 mm3 = 0.001 mL
+    study = Study(Path("/data/P9"), "dicom", sitk.GetArrayFromImage(image), "hu", image=image)
+    sides = np.zeros((z, h, w), dtype=np.uint8)
+    sides[:, 1:7, 1:4] = RIGHT  # 18 voxels per slice
+    sides[:, 1:5, 6:9] = LEFT  # 12 voxels per slice
+    lesion = np.zeros((z, h, w), dtype=bool)
+    lesion[1, 2:4, 1:3] = True  # 4 right-lung voxels on slice 1
+    lesion[2, 1, 6:9] = True  # 3 left-lung voxels on slice 2
+    masks = StudyMasks(lesion=lesion, sides=sides, midline=4.5, split="components")
+    before = (lesion.copy(), sides.copy())
+    report = build_report(study, masks, {"source": "test"}, 0.5, "2026-01-01T00:00:00+00:00", n_overlay=6)
+    assert report == build_report(study, masks, {"source": "test"}, 0.5, "2026-01-01T00:00:00+00:00", n_overlay=6)
+    np.testing.assert_array_equal(lesion, before[0])
+    np.testing.assert_array_equal(sides, before[1])
+    assert report["units"] == "mL" and report["voxel_ml"] == pytest.approx(0.001)
+    assert report["voxels"] == {"right": {"lesion": 4, "lung": 54}, "left": {"lesion": 3, "lung": 36},
+                                "both": {"lesion": 7, "lung": 90}}
+    assert report["lesion_ml"] == pytest.approx({"right": 0.004, "left": 0.003, "both": 0.007})
+    assert report["lung_ml"] == pytest.approx({"right": 0.054, "left": 0.036, "both": 0.090})
+    assert report["lesion_percent_of_lung"] == pytest.approx({"right": 400 / 54, "left": 300 / 36, "both": 700 / 90})
+    assert [s["lesion_voxels"] for s in report["per_slice"]] == [0, 4, 3]
+    assert [s["percent"] for s in report["per_slice"]] == pytest.approx([0.0, 400 / 30, 300 / 30])
+    assert report["overlay_slices"] == [1, 2]  # the slices with lesion, in z order
+    assert report["lr_split"] == {"method": "components", "midline_column": 4.5}
+    assert report["input"]["size"] == [w, h, z] and report["created"] == "2026-01-01T00:00:00+00:00"
+    assert "timing_s" not in report  # the writer adds the timings
+
+
+def test_build_report_of_a_slice_is_in_pixels() -> None:
+    """A 2-D slice has no spacing: pixels, and the size of the slice as given (before `rotate`)."""
+    given = np.zeros((6, 4), dtype=np.uint8)  # 6 rows, 4 columns on disk
+    view = np.rot90(given, 1)[None]  # rotated to the radiological view: 4 x 6
+    study = Study(Path("/data/s.png"), "slice", view, "8bit", rotate=1)
+    sides = np.zeros(view.shape, dtype=np.uint8)
+    sides[0, :, :3], sides[0, :, 3:] = RIGHT, LEFT
+    lesion = np.zeros(view.shape, dtype=bool)
+    report = build_report(study, StudyMasks(lesion, sides, 2.5, "midline"), {}, 0.5, "now", n_overlay=6)
+    assert report["units"] == "pixels" and report["input"]["size"] == [4, 6] and report["input"]["rotate"] == 1
+    assert report["lesion_px"] == {"right": 0, "left": 0, "both": 0}
+    assert report["lung_px"] == {"right": 12, "left": 12, "both": 24}
+    assert report["overlay_slices"] == [0]  # no lesion anywhere: the slice with the most lung
 
 
 def _bad_inputs(root: Path, series: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
