@@ -8,7 +8,9 @@ masks, bad input refused before anything is written, and the MLflow pyfunc givin
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import MEDSEG, copy_file, mlflow_at, series_files
+from helpers import BIN, MEDSEG, TELEMETRY_OFF, copy_file, mlflow_at, series_files
 
 from covseg.io import InputError, Study, read_dicom_series, read_slice
 from covseg.predict import (
@@ -282,15 +284,14 @@ def tracking(mlflow_server: str) -> Any:
         yield client
 
 
-def test_mlflow_pyfunc_gives_the_cli_mask(tracking: Any, model_dir: Path, jpeg: Path,
-                                          segmenter: LesionSegmenter, tmp_path: Path) -> None:
+def _register(tracking: Any, model_dir: Path, lineage: dict[str, str]) -> tuple[str, str]:
+    """Log the model folder as the covseg pyfunc, register it under a fresh name, alias it champion."""
     import mlflow
     import mlflow.pyfunc
 
     from covseg import serving
 
     name = f"covseg-predict-{uuid.uuid4().hex[:8]}"
-    lineage = {"data_md5": "0123456789abcdef0123456789abcdef", "git_commit": "feedc0de"}
     experiment = tracking.create_experiment(name)
     with mlflow.start_run(experiment_id=experiment):
         info = mlflow.pyfunc.log_model(
@@ -300,9 +301,17 @@ def test_mlflow_pyfunc_gives_the_cli_mask(tracking: Any, model_dir: Path, jpeg: 
             signature=serving.signature(), pip_requirements=["mlflow", "torch", "numpy"])
     version = mlflow.register_model(info.model_uri, name, tags=lineage)
     tracking.set_registered_model_alias(name, "champion", version.version)
+    return name, str(version.version)
 
+
+def test_mlflow_pyfunc_gives_the_cli_mask(tracking: Any, model_dir: Path, jpeg: Path,
+                                          segmenter: LesionSegmenter, tmp_path: Path) -> None:
+    import mlflow.pyfunc
+
+    lineage = {"data_md5": "0123456789abcdef0123456789abcdef", "git_commit": "feedc0de"}
+    name, number = _register(tracking, model_dir, lineage)
     view = np.ascontiguousarray(np.rot90(read_slice(jpeg), MEDSEG_ROTATE))
-    served = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}").predict(
+    served = mlflow.pyfunc.load_model(f"models:/{name}/{number}").predict(
         view[None].astype(np.float32), params={"domain": "8bit"})
     direct = segmenter.predict_slices([view], "8bit")[0].prob >= 0.5
     assert served.shape == (1, *view.shape) and served.dtype == np.uint8
@@ -312,7 +321,7 @@ def test_mlflow_pyfunc_gives_the_cli_mask(tracking: Any, model_dir: Path, jpeg: 
     cli_mask = _array(tmp_path / "out" / LESION_PNG) > 0
     np.testing.assert_array_equal(np.rot90(served[0].astype(bool), -MEDSEG_ROTATE), cli_mask)
     model = report["model"]
-    assert model["source"] == "mlflow" and model["name"] == name and model["version"] == str(version.version)
+    assert model["source"] == "mlflow" and model["name"] == name and model["version"] == number
     assert model["data_md5"] == lineage["data_md5"] and model["git_commit"] == lineage["git_commit"]
     assert "champion" in model["aliases"]
 
@@ -334,3 +343,23 @@ def test_cli_predict(jpeg: Path, model_dir: Path, tmp_path: Path) -> None:
     bad = runner.invoke(main, ["predict", str(tmp_path / "nope.jpg"), "--model", str(model_dir),
                                "--out", str(tmp_path / "out2")])
     assert bad.exit_code == EXIT_BAD_INPUT and "error:" in bad.output and not (tmp_path / "out2").exists()
+
+
+def test_cli_predict_prints_no_library_warnings(tracking: Any, mlflow_server: str, model_dir: Path, jpeg: Path,
+                                                series: Path, tmp_path: Path) -> None:
+    """What a user sees of `covseg predict` (a fresh process): the summary, no library warning on stderr.
+
+    A real slice through a registered model (MLflow's type-hint advice fires when the pyfunc class is
+    imported) and the real DICOM series through the model folder (every writer, DICOM SEG included).
+    """
+    name, _ = _register(tracking, model_dir, {})
+    env = {**os.environ, **TELEMETRY_OFF, "MLFLOW_TRACKING_URI": mlflow_server}
+    runs = {"slice": [str(jpeg), "--model", f"models:/{name}@champion", "--rotate", str(MEDSEG_ROTATE)],
+            "series": [str(series), "--model", str(model_dir)]}
+    for label, args in runs.items():
+        out = tmp_path / label
+        done = subprocess.run([str(BIN / "covseg"), "predict", *args, "--out", str(out)], env=env,
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "warning" not in (done.stderr + done.stdout).lower(), f"{label}: {done.stderr}"
+        assert "% of lung" in done.stdout and (out / REPORT).is_file(), label

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,32 @@ import numpy as np
 import torch
 
 from covseg.harmonise import Geometry, canonical_slice, from_canonical, to_8bit_look
-from covseg.io import Study
+from covseg.io import InputError, Study
 from covseg.segment import load_segmenter, segment_canonical
+
+KNOWN_LIBRARY_WARNINGS = (
+    # MLflow asks every PythonModel without type hints on `predict` for them, when covseg.serving is first
+    # imported (here: when a models:/ URI is loaded). The served model's schema is its logged signature
+    # (serving.signature), so the advice is for whoever logs models, not for a user of `covseg predict`.
+    (UserWarning, "Add type hints to the `predict` method"),
+)
+"""(category, message text) of the library warnings that `covseg predict` keeps from its user."""
+
+
+@contextlib.contextmanager
+def quiet_library_warnings() -> Iterator[None]:
+    """Drop KNOWN_LIBRARY_WARNINGS raised inside the block; every other warning is shown as usual.
+
+    The warnings are recorded and re-issued rather than filtered: MLflow installs its own filter around
+    the check that warns ("once"), which would override a filter set here.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for item in caught:
+        if not any(issubclass(item.category, category) and text in str(item.message)
+                   for category, text in KNOWN_LIBRARY_WARNINGS):
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
 
 
 @dataclass
@@ -52,9 +77,9 @@ class LesionSegmenter:
             from covseg.tracking import configure
 
             configure()
-            return mlflow.pyfunc.load_model(text).unwrap_python_model().segmenter
+            with quiet_library_warnings():
+                return mlflow.pyfunc.load_model(text).unwrap_python_model().segmenter
         if not Path(text).is_dir():
-            from covseg.io import InputError
 
             raise InputError(text, "model folder not found (expected segmenter.pt inside)")
         return cls(*load_segmenter(text))
@@ -115,8 +140,6 @@ of the larger's voxels and each lies at least COMPONENT_CLEAN_SIDE on its own si
 
 def _check_out_dir(out_dir: Path, input_path: Path) -> None:
     """Refuse an output folder that would replace the input or a folder that is not an earlier output."""
-    from covseg.io import InputError
-
     out, source = out_dir.resolve(), input_path.resolve()
     if out == source or out in source.parents:
         raise InputError(out_dir, "output folder holds the input; choose another --out")
