@@ -20,7 +20,8 @@ import pytest
 import SimpleITK as sitk
 from helpers import BIN, MEDSEG, TELEMETRY_OFF, copy_file, mlflow_at, series_files
 
-from covseg.io import InputError, Study, read_dicom_series, read_slice
+from covseg.dicom_seg import LEFT_LUNG_SEGMENT, LESION_SEGMENT, RIGHT_LUNG_SEGMENT, SEG_FILE
+from covseg.io import IDENTIFYING_TAGS, InputError, Study, read_dicom_series, read_slice
 from covseg.predict import (
     LEFT,
     LESION_NII,
@@ -86,8 +87,8 @@ def dicom_run(series: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFa
 
 def test_dicom_outputs_on_the_series_grid(dicom_run: tuple[Path, dict], series: Path, model_dir: Path) -> None:
     out, report = dicom_run
-    assert sorted(p.name for p in out.iterdir()) == sorted([LESION_NII, LUNG_NII, REPORT, OVERLAY])
-    assert json.loads((out / REPORT).read_text()) == report
+    assert sorted(p.name for p in out.iterdir()) == sorted([LESION_NII, LUNG_NII, REPORT, OVERLAY, SEG_FILE])
+    assert json.loads((out / REPORT).read_text()) == report and report["outputs"]["dicom_seg"] == SEG_FILE
     image = read_dicom_series(series).image  # the LPS-oriented series
     lesion_img, lung_img = sitk.ReadImage(str(out / LESION_NII)), sitk.ReadImage(str(out / LUNG_NII))
     for mask in (lesion_img, lung_img):
@@ -132,6 +133,170 @@ def test_dicom_report_follows_from_the_masks(dicom_run: tuple[Path, dict], serie
     assert model["pipeline_run_id"] == model["meta"]["pipeline_run_id"] == "tiny-fixture"
     assert model["data_md5"] == model["meta"]["data_md5"] and model["git_commit"] == model["meta"]["git_commit"]
     assert report["seconds"] >= sum(report["timing_s"].values()) * 0.99 > 0
+
+
+def _pixels_to_nifti_index(header: Any, mask: sitk.Image) -> tuple[np.ndarray, ...]:
+    """Index arrays (z, y, x) into `mask`'s array of every pixel (row, column) of a DICOM instance, from the
+    instance's own geometry (ImagePositionPatient, ImageOrientationPatient, PixelSpacing)."""
+    rows, cols = int(header.Rows), int(header.Columns)
+    origin = np.array([float(v) for v in header.ImagePositionPatient])
+    along_row, along_col = np.array([float(v) for v in header.ImageOrientationPatient]).reshape(2, 3)
+    row_mm, col_mm = (float(v) for v in header.PixelSpacing)  # spacing between rows, between columns
+    r, c = np.mgrid[0:rows, 0:cols]
+    points = origin + c[..., None] * col_mm * along_row + r[..., None] * row_mm * along_col
+    direction = np.array(mask.GetDirection()).reshape(3, 3)
+    index = (points - np.array(mask.GetOrigin())) @ direction / np.array(mask.GetSpacing())
+    x, y, z = np.rint(index).astype(int).transpose(2, 0, 1)
+    assert (x >= 0).all() and (x < mask.GetSize()[0]).all() and (y >= 0).all() and (y < mask.GetSize()[1]).all()
+    return z, y, x
+
+
+def _check_seg_against_nifti(out: Path, series: Path) -> None:
+    """The SEG in `out`, read back with highdicom: each frame names its source instance in `series`, lies on
+    that instance's grid and holds the NIfTI masks' voxels there (lesion, right lung, left lung)."""
+    import highdicom as hd
+    import pydicom
+
+    seg = hd.seg.segread(out / SEG_FILE)
+    sources = {str(h.SOPInstanceUID): h for h in (pydicom.dcmread(p, stop_before_pixels=True)
+                                                   for p in sorted(series.iterdir()))}
+    first = next(iter(sources.values()))
+    assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY"
+    assert seg.StudyInstanceUID == first.StudyInstanceUID and seg.FrameOfReferenceUID == first.FrameOfReferenceUID
+    assert seg.SeriesInstanceUID != first.SeriesInstanceUID
+    referenced = seg.ReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == first.SeriesInstanceUID
+    assert {str(i.ReferencedSOPInstanceUID) for i in referenced.ReferencedInstanceSequence} == set(sources)
+    descriptions = {n: seg.get_segment_description(n) for n in seg.get_segment_numbers()}
+    assert {n: d.SegmentLabel for n, d in descriptions.items()} == {
+        LESION_SEGMENT: "COVID-19 lesion", RIGHT_LUNG_SEGMENT: "right lung", LEFT_LUNG_SEGMENT: "left lung"}
+    assert [descriptions[n].segmented_property_type.value for n in sorted(descriptions)] == [
+        "52988006", "3341006", "44029006"]  # SNOMED CT: lesion, right lung, left lung
+    lesion_img, lung_img = sitk.ReadImage(str(out / LESION_NII)), sitk.ReadImage(str(out / LUNG_NII))
+    lesion, lung = sitk.GetArrayFromImage(lesion_img), sitk.GetArrayFromImage(lung_img)
+    expected = {LESION_SEGMENT: lesion == 1, RIGHT_LUNG_SEGMENT: lung == RIGHT, LEFT_LUNG_SEGMENT: lung == LEFT}
+    # frame by frame: its source instance (per-frame derivation), its position, its pixels
+    n_frames = 0
+    for i, group in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        uid = str(group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        number = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        header = sources[uid]
+        position = [float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient]
+        np.testing.assert_allclose(position, [float(v) for v in header.ImagePositionPatient], atol=1e-3)
+        frame = seg.pixel_array[i].astype(bool)
+        np.testing.assert_array_equal(frame, expected[number][_pixels_to_nifti_index(header, lesion_img)])
+        n_frames += 1
+    # no frame left out but the empty ones (highdicom omits those)
+    non_empty = sum(int(expected[n][_pixels_to_nifti_index(h, lesion_img)].any())
+                    for h in sources.values() for n in expected)
+    assert n_frames == non_empty > len(sources)
+    by_instance = seg.get_pixels_by_source_instance(list(sources), segment_numbers=sorted(expected))
+    for k, header in enumerate(sources.values()):
+        where = _pixels_to_nifti_index(header, lesion_img)
+        for j, number in enumerate(sorted(expected)):
+            np.testing.assert_array_equal(by_instance[k, ..., j].astype(bool), expected[number][where])
+
+
+def test_dicom_seg_frames_reference_their_instances(dicom_run: tuple[Path, dict], series: Path) -> None:
+    _check_seg_against_nifti(dicom_run[0], series)
+
+
+def _store_flipped(series: Path, folder: Path) -> Path:
+    """The series re-written with rows and columns stored in reverse (ImageOrientationPatient -1,0,0,0,-1,0,
+    as some scanners store a study): the same anatomy in the same patient coordinates."""
+    folder.mkdir()
+    for path in sorted(series.iterdir()):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        image = reader.Execute()
+        flipped = sitk.GetImageFromArray(sitk.GetArrayFromImage(image)[:, ::-1, ::-1].copy())
+        flipped.SetSpacing(image.GetSpacing())
+        far_corner = image.TransformIndexToPhysicalPoint([image.GetSize()[0] - 1, image.GetSize()[1] - 1, 0])
+        flipped.SetOrigin(far_corner)
+        flipped.SetDirection([-1, 0, 0, 0, -1, 0, 0, 0, 1])
+        for key in reader.GetMetaDataKeys():
+            if key not in ("0028|1052", "0028|1053", "0020|0032", "0020|0037"):  # the writer sets these
+                flipped.SetMetaData(key, reader.GetMetaData(key))
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(folder / path.name))
+        writer.Execute(flipped)
+    return folder
+
+
+def test_dicom_seg_of_a_series_stored_flipped(series: Path, dicom_run: tuple[Path, dict],
+                                              segmenter: LesionSegmenter, tmp_path: Path) -> None:
+    """Frames lie on each instance's stored grid, not on the LPS grid the masks are computed on."""
+    flipped = _store_flipped(series, tmp_path / "P001-flipped")
+    assert read_dicom_series(flipped).file_orientation == "RAS"
+    predict_study(flipped, segmenter, tmp_path / "out")
+    np.testing.assert_array_equal(_array(tmp_path / "out" / LESION_NII), _array(dicom_run[0] / LESION_NII))
+    _check_seg_against_nifti(tmp_path / "out", flipped)
+
+
+IDENTITY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+                     "PatientIdentityRemoved", "DeidentificationMethod", "OtherPatientIDs", "PatientAddress",
+                     "AccessionNumber", "ReferringPhysicianName", "InstitutionName")
+
+
+def _identity(dataset: Any) -> dict[str, str]:
+    return {k: str(dataset.get(k, "") or "") for k in IDENTITY_KEYWORDS}
+
+
+def _passes_phi_rule(dataset: Any) -> bool:
+    """covseg.io's rule on a pydicom header: no PatientName / PatientBirthDate, or declared de-identified."""
+    named = any(str(dataset.get(keyword, "") or "").strip() for keyword in IDENTIFYING_TAGS.values())
+    return not named or str(dataset.get("PatientIdentityRemoved", "")).upper() == "YES"
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_dicom_seg_carries_no_more_identity_than_its_source(declared: bool, series: Path, segmenter: LesionSegmenter,
+                                                            tmp_path: Path) -> None:
+    """The SEG copies the source's patient and study identity, no more and no private tags: a source without
+    a name gives a SEG without one, a declared de-identified one (PatientIdentityRemoved YES, a pseudonymous
+    name) gives a SEG that declares it too, so it passes the same PHI rule as its source."""
+    import pydicom
+
+    folder = tmp_path / "P001"
+    folder.mkdir()
+    for path in sorted(series.iterdir())[:3]:
+        dataset = pydicom.dcmread(path)
+        if declared:
+            dataset.PatientName = "Pseudonym^0042"
+            dataset.PatientIdentityRemoved = "YES"
+            dataset.DeidentificationMethod = "site pseudonymisation"
+        dataset.save_as(folder / path.name)
+    predict_study(folder, segmenter, tmp_path / "out")
+    seg = pydicom.dcmread(tmp_path / "out" / SEG_FILE, stop_before_pixels=True)
+    source = pydicom.dcmread(sorted(folder.iterdir())[0], stop_before_pixels=True)
+    assert _identity(seg) == _identity(source)
+    assert _passes_phi_rule(source) and _passes_phi_rule(seg)
+    assert not [e.tag for e in seg.iterall() if e.tag.is_private], "private tags copied"
+    if declared:
+        assert seg.PatientIdentityRemoved == "YES" and str(seg.PatientName) == "Pseudonym^0042"
+    else:
+        assert not str(seg.PatientName) and "PatientIdentityRemoved" not in seg
+
+
+def test_dicom_seg_of_an_allowed_identified_source_keeps_its_identity(series: Path, segmenter: LesionSegmenter,
+                                                                      tmp_path: Path) -> None:
+    """--allow-identified: the SEG belongs to the same patient in a PACS, so it carries the same identity."""
+    import pydicom
+
+    folder = tmp_path / "P001"
+    folder.mkdir()
+    for path in sorted(series.iterdir())[:3]:
+        dataset = pydicom.dcmread(path)
+        dataset.PatientName, dataset.PatientBirthDate = "Doe^Jane", "19800101"
+        dataset.save_as(folder / path.name)
+    with pytest.raises(InputError, match="PatientName, PatientBirthDate"):
+        predict_study(folder, segmenter, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    predict_study(folder, segmenter, tmp_path / "out", allow_identified=True)
+    seg = pydicom.dcmread(tmp_path / "out" / SEG_FILE, stop_before_pixels=True)
+    assert _identity(seg) == _identity(pydicom.dcmread(sorted(folder.iterdir())[0], stop_before_pixels=True))
+    assert str(seg.PatientName) == "Doe^Jane" and seg.PatientBirthDate == "19800101"
+    assert not _passes_phi_rule(seg)  # as identified as its source: covseg would refuse it without the flag too
 
 
 @pytest.mark.parametrize("orientation", ["LPS", "RAS"])

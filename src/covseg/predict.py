@@ -371,6 +371,10 @@ def build_report(study: Study, masks: StudyMasks, model: dict[str, Any], thresho
         report["lung_ml"] = {k: v["lung"] for k, v in burden.items()}
         report["outputs"] = {"lesion_mask": LESION_NII, "lung_mask": LUNG_NII, "overlay": OVERLAY,
                              "lung_labels": {str(k): v for k, v in SIDES.items()}}
+        if study.series is not None:
+            from covseg.dicom_seg import SEG_FILE
+
+            report["outputs"]["dicom_seg"] = SEG_FILE
     else:
         report["input"].update(size=list(np.rot90(study.slices[0], -study.rotate).shape[::-1]),
                                rotate=study.rotate)
@@ -407,7 +411,8 @@ def _overlay_titles(report: dict[str, Any]) -> list[str]:
 
 def write_outputs(folder: Path, study: Study, masks: StudyMasks, report: dict[str, Any],
                   timer: Timer | None = None) -> None:
-    """The masks (NIfTI on the input's grid for volumes, PNG for a slice) and the overlay, into `folder`."""
+    """The masks (NIfTI on the input's grid for volumes, PNG for a slice), for a DICOM series also as a DICOM
+    SEG referencing its instances (`covseg.dicom_seg`), and the overlay, into `folder`."""
     import SimpleITK as sitk
 
     from covseg import report as figures
@@ -421,6 +426,15 @@ def write_outputs(folder: Path, study: Study, masks: StudyMasks, report: dict[st
         else:
             write_mask_png(np.rot90(masks.lesion[0], -study.rotate), folder / LESION_PNG)
             write_mask_png(np.rot90(masks.lung[0], -study.rotate), folder / LUNG_PNG)
+    if study.series is not None:
+        from covseg.dicom_seg import SEG_FILE, write_segmentation
+
+        with timer("write_seg"):
+            model = report["model"]
+            parameters = {"threshold": str(report["threshold"]),
+                          "model": str(model.get("uri") or "in-memory"), "model_version": str(model.get("version", ""))}
+            write_segmentation(folder / SEG_FILE, study.series, study.image, masks.lesion, masks.sides, RIGHT, LEFT,
+                               report["covseg_version"], parameters)
     with timer("write_overlay"):
         chosen = report["overlay_slices"]
         aspect = 1.0 if study.image is None else study.image.GetSpacing()[1] / study.image.GetSpacing()[0]
