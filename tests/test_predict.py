@@ -74,6 +74,15 @@ def series(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def series_without_uids(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 real files of COVID-CT-MD normal002: empty SOPInstanceUID, UUID-style study and series UIDs."""
+    folder = tmp_path_factory.mktemp("series-no-uids") / "normal002"
+    for src in series_files("normal002", 1, N_FILES):
+        copy_file(src, folder / src.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def jpeg(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return copy_file(MEDSEG / "images" / f"{MEDSEG_STEM}.jpg", tmp_path_factory.mktemp("slice") / f"{MEDSEG_STEM}.jpg")
 
@@ -232,6 +241,19 @@ def test_dicom_seg_of_a_series_stored_flipped(series: Path, dicom_run: tuple[Pat
     predict_study(flipped, segmenter, tmp_path / "out")
     np.testing.assert_array_equal(_array(tmp_path / "out" / LESION_NII), _array(dicom_run[0] / LESION_NII))
     _check_seg_against_nifti(tmp_path / "out", flipped)
+
+
+def test_no_dicom_seg_for_a_series_without_instance_uids(series_without_uids: Path, segmenter: LesionSegmenter,
+                                                        tmp_path: Path) -> None:
+    """A SEG cannot reference instances without UIDs: masks and report as usual, the SEG left out, and why."""
+    from covseg.predict import format_summary
+
+    report = predict_study(series_without_uids, segmenter, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([LESION_NII, LUNG_NII, REPORT, OVERLAY])
+    assert report["outputs"]["dicom_seg"] is None
+    assert report["outputs"]["dicom_seg_skipped"] == "the source series has no valid StudyInstanceUID"
+    assert "no DICOM SEG: the source series has no valid StudyInstanceUID" in format_summary(report)
+    assert report["n_slices"] == N_FILES and "write_seg" not in report["timing_s"]
 
 
 IDENTITY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
@@ -511,20 +533,23 @@ def test_cli_predict(jpeg: Path, model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_cli_predict_prints_no_library_warnings(tracking: Any, mlflow_server: str, model_dir: Path, jpeg: Path,
-                                                series: Path, tmp_path: Path) -> None:
+                                                series: Path, series_without_uids: Path, tmp_path: Path) -> None:
     """What a user sees of `covseg predict` (a fresh process): the summary, no library warning on stderr.
 
     A real slice through a registered model (MLflow's type-hint advice fires when the pyfunc class is
-    imported) and the real DICOM series through the model folder (every writer, DICOM SEG included).
+    imported), the real DICOM series through the model folder (every writer, DICOM SEG included), and a
+    real series with invalid UIDs (pydicom warns about each when it reads them).
     """
     name, _ = _register(tracking, model_dir, {})
     env = {**os.environ, **TELEMETRY_OFF, "MLFLOW_TRACKING_URI": mlflow_server}
     runs = {"slice": [str(jpeg), "--model", f"models:/{name}@champion", "--rotate", str(MEDSEG_ROTATE)],
-            "series": [str(series), "--model", str(model_dir)]}
+            "series": [str(series), "--model", str(model_dir)],
+            "series without UIDs": [str(series_without_uids), "--model", str(model_dir)]}
     for label, args in runs.items():
-        out = tmp_path / label
+        out = tmp_path / label.replace(" ", "-")
         done = subprocess.run([str(BIN / "covseg"), "predict", *args, "--out", str(out)], env=env,
                               capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         assert "warning" not in (done.stderr + done.stdout).lower(), f"{label}: {done.stderr}"
+        assert not [line for line in done.stderr.splitlines() if line.strip()], f"{label}: {done.stderr}"
         assert "% of lung" in done.stdout and (out / REPORT).is_file(), label

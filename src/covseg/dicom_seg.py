@@ -60,18 +60,43 @@ def _segment_descriptions(algorithm: Any) -> list[Any]:
     ]
 
 
-def source_headers(files: Sequence[str]) -> list[pydicom.Dataset]:
-    """The source instances' headers (no pixel data: the SEG needs their metadata only), Type 2 filled in."""
+def seg_blocker(headers: Sequence[pydicom.Dataset]) -> str | None:
+    """Why a SEG cannot reference these instances, or None when it can.
+
+    A SEG names its study, its source series and each source instance by UID, and lies in the source's
+    frame of reference: a series whose instances lack valid, distinct UIDs (real example: COVID-CT-MD
+    normal002, empty SOPInstanceUID and UUID-style study/series UIDs) cannot be referenced.
+    """
+    from pydicom.config import IGNORE
+    from pydicom.uid import UID
+
+    def valid(value: object) -> bool:
+        return bool(value) and UID(str(value), validation_mode=IGNORE).is_valid  # checked here, not warned
+
+    first = headers[0]
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        if not valid(first.get(keyword)):
+            return f"the source series has no valid {keyword}"
+    instances = [h.get("SOPInstanceUID") for h in headers]
+    if not all(valid(uid) for uid in instances) or len(set(instances)) != len(instances):
+        return "the source instances lack valid, distinct SOPInstanceUIDs"
+    return None
+
+
+def source_datasets(headers: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """Copies of the source headers with the Type 2 identity and study attributes present (empty if absent);
+    the headers themselves are left as read."""
     import pydicom
 
-    headers = []
-    for path in files:
-        header = pydicom.dcmread(path, stop_before_pixels=True)
+    out = []
+    for header in headers:
+        dataset = pydicom.Dataset()
+        dataset.update(header)  # a new top-level element dict (the elements are shared, never changed)
         for keyword in EMPTY_TYPE2:
-            if keyword not in header:
-                setattr(header, keyword, "")
-        headers.append(header)
-    return headers
+            if keyword not in dataset:
+                setattr(dataset, keyword, "")
+        out.append(dataset)
+    return out
 
 
 def frames_on_source_grids(labels: np.ndarray, image: sitk.Image, series: DicomSeries,
@@ -91,16 +116,17 @@ def frames_on_source_grids(labels: np.ndarray, image: sitk.Image, series: DicomS
     return frames
 
 
-def build_segmentation(series: DicomSeries, image: sitk.Image, lesion: np.ndarray, sides: np.ndarray,
-                       right: int, left: int, algorithm_version: str,
+def build_segmentation(series: DicomSeries, headers: Sequence[pydicom.Dataset], image: sitk.Image,
+                       lesion: np.ndarray, sides: np.ndarray, right: int, left: int, algorithm_version: str,
                        parameters: dict[str, str] | None = None) -> Any:
-    """A highdicom Segmentation of `series` from masks on its LPS grid (`sides`: 0, `right`, `left`)."""
+    """A highdicom Segmentation of `series` (`headers`: its instances' headers, z order) from masks on its LPS
+    grid `image` (`sides`: 0, `right`, `left`). See :func:`seg_blocker` for series that cannot have one."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     from covseg import __version__
 
-    headers = source_headers(series.files)
+    headers = source_datasets(headers)
     bits = lesion.astype(np.uint8) | (sides == right).astype(np.uint8) << 1 | (sides == left).astype(np.uint8) << 2
     frames = frames_on_source_grids(bits, image, series, headers)  # one reorientation for the three masks
     # (N, Rows, Columns, 3) as highdicom wants it, each segment contiguous in memory: highdicom sums over the
@@ -122,8 +148,9 @@ def build_segmentation(series: DicomSeries, image: sitk.Image, lesion: np.ndarra
     return seg
 
 
-def write_segmentation(path: str | Path, series: DicomSeries, image: sitk.Image, lesion: np.ndarray,
-                       sides: np.ndarray, right: int, left: int, algorithm_version: str,
-                       parameters: dict[str, str] | None = None) -> None:
+def write_segmentation(path: str | Path, series: DicomSeries, headers: Sequence[pydicom.Dataset],
+                       image: sitk.Image, lesion: np.ndarray, sides: np.ndarray, right: int, left: int,
+                       algorithm_version: str, parameters: dict[str, str] | None = None) -> None:
     """Write the SEG of :func:`build_segmentation` to `path` (DICOM Part 10 file)."""
-    build_segmentation(series, image, lesion, sides, right, left, algorithm_version, parameters).save_as(path)
+    build_segmentation(series, headers, image, lesion, sides, right, left, algorithm_version,
+                       parameters).save_as(path)

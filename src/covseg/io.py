@@ -336,6 +336,7 @@ class Study:
         image: the LPS-oriented volume whose voxel grid `slices` is (volumes only).
         header: the NIfTI file's own geometry (size, spacing, origin, direction, orientation code).
         series: the DICOM series (files in z order, instance numbers, stored orientation; DICOM only).
+        headers: the series' headers as pydicom datasets, no pixel data, in z order (DICOM only).
         rotate: np.rot90 k that was applied to a 2-D slice.
     """
 
@@ -346,6 +347,7 @@ class Study:
     image: Any = None
     header: dict[str, Any] | None = None
     series: DicomSeries | None = None
+    headers: list[Any] | None = None
     rotate: int = 0
 
     @property
@@ -357,6 +359,27 @@ class Study:
     def voxel_ml(self) -> float | None:
         """Volume of one voxel in mL (None for a 2-D slice: JPEG/PNG carry no pixel spacing)."""
         return None if self.image is None else float(np.prod(self.image.GetSpacing())) / 1000.0
+
+
+def read_dicom_headers(files: list[str]) -> list[Any]:
+    """pydicom headers (no pixel data) of validated DICOM files, for writers that reference them (DICOM SEG).
+
+    pydicom's own value checks are off while reading (an invalid UID is a reason not to reference the file,
+    found by the writer, not a warning for the user) and restored afterwards. pydicom checks a value when
+    it first converts it, so every element is converted here, inside.
+    """
+    import pydicom
+
+    settings = pydicom.config.settings
+    before = settings.reading_validation_mode
+    settings.reading_validation_mode = pydicom.config.IGNORE
+    try:
+        headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
+        for header in headers:
+            header.walk(lambda dataset, element: None)  # converts (and so checks) every element now
+        return headers
+    finally:
+        settings.reading_validation_mode = before
 
 
 def input_kind(path: Path) -> str:
@@ -407,7 +430,8 @@ def read_study(input_path: str | Path, rotate: int = 0, allow_identified: bool =
         raise InputError(path, "--rotate applies to 2-D slices only (volumes are oriented from their header)")
     if kind == "dicom":
         series = read_dicom_series(path, allow_identified=allow_identified)
-        study = Study(path, kind, sitk.GetArrayFromImage(series.image), "hu", image=series.image, series=series)
+        study = Study(path, kind, sitk.GetArrayFromImage(series.image), "hu", image=series.image, series=series,
+                      headers=read_dicom_headers(series.files))
     else:
         volume = read_volume(path)
         study = Study(path, kind, sitk.GetArrayFromImage(volume), "hu", image=volume, header=nifti_geometry(path))

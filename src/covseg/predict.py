@@ -371,10 +371,13 @@ def build_report(study: Study, masks: StudyMasks, model: dict[str, Any], thresho
         report["lung_ml"] = {k: v["lung"] for k, v in burden.items()}
         report["outputs"] = {"lesion_mask": LESION_NII, "lung_mask": LUNG_NII, "overlay": OVERLAY,
                              "lung_labels": {str(k): v for k, v in SIDES.items()}}
-        if study.series is not None:
-            from covseg.dicom_seg import SEG_FILE
+        if study.headers is not None:
+            from covseg.dicom_seg import SEG_FILE, seg_blocker
 
-            report["outputs"]["dicom_seg"] = SEG_FILE
+            blocker = seg_blocker(study.headers)
+            report["outputs"]["dicom_seg"] = SEG_FILE if blocker is None else None
+            if blocker is not None:
+                report["outputs"]["dicom_seg_skipped"] = blocker
     else:
         report["input"].update(size=list(np.rot90(study.slices[0], -study.rotate).shape[::-1]),
                                rotate=study.rotate)
@@ -426,15 +429,15 @@ def write_outputs(folder: Path, study: Study, masks: StudyMasks, report: dict[st
         else:
             write_mask_png(np.rot90(masks.lesion[0], -study.rotate), folder / LESION_PNG)
             write_mask_png(np.rot90(masks.lung[0], -study.rotate), folder / LUNG_PNG)
-    if study.series is not None:
-        from covseg.dicom_seg import SEG_FILE, write_segmentation
+    if report["outputs"].get("dicom_seg"):
+        from covseg.dicom_seg import write_segmentation
 
         with timer("write_seg"):
             model = report["model"]
             parameters = {"threshold": str(report["threshold"]),
                           "model": str(model.get("uri") or "in-memory"), "model_version": str(model.get("version", ""))}
-            write_segmentation(folder / SEG_FILE, study.series, study.image, masks.lesion, masks.sides, RIGHT, LEFT,
-                               report["covseg_version"], parameters)
+            write_segmentation(folder / report["outputs"]["dicom_seg"], study.series, study.headers, study.image,
+                               masks.lesion, masks.sides, RIGHT, LEFT, report["covseg_version"], parameters)
     with timer("write_overlay"):
         chosen = report["overlay_slices"]
         aspect = 1.0 if study.image is None else study.image.GetSpacing()[1] / study.image.GetSpacing()[0]
@@ -511,4 +514,7 @@ def format_summary(report: dict[str, Any]) -> str:
                   f"{pct['right']:.1f}%, left {les['left']:.1f} mL {pct['left']:.1f}%)")
     else:
         amount = f"lesion {report['lesion_px']['both']} px ({pct['both']:.1f}% of lung area)"
-    return f"{report['n_slices']} slice(s) in {report['seconds']:.1f} s: {amount}"
+    line = f"{report['n_slices']} slice(s) in {report['seconds']:.1f} s: {amount}"
+    if skipped := report["outputs"].get("dicom_seg_skipped"):
+        line += f"\nno DICOM SEG: {skipped}"
+    return line
