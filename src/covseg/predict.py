@@ -106,18 +106,30 @@ class LesionSegmenter:
         return [canonical_slice(image, domain, self.size) for image in images]
 
     def infer(self, prepared: list[tuple[np.ndarray, np.ndarray, Geometry]], batch_size: int = 32) -> np.ndarray:
-        """The network: canonical lesion probabilities (N, S, S), zero outside the lungs."""
-        canon = np.stack([p[0] for p in prepared])
+        """The network: canonical lesion probabilities (N, S, S), zero outside the lungs.
+
+        Slices without lung (neck, abdomen) skip the network: their probability is zero whatever it computes.
+        """
         lungs = np.stack([p[1] for p in prepared])
-        return segment_canonical(self.model, canon, lungs, batch_size)
+        probs = np.zeros(lungs.shape, dtype=np.float32)
+        keep = np.flatnonzero(lungs.reshape(len(lungs), -1).any(axis=1))
+        if keep.size:
+            canon = np.stack([prepared[i][0] for i in keep])
+            probs[keep] = segment_canonical(self.model, canon, lungs[keep], batch_size)
+        return probs
 
     @staticmethod
     def restore(probs: np.ndarray, prepared: list[tuple[np.ndarray, np.ndarray, Geometry]]) -> list[SlicePrediction]:
         """Map canonical probabilities and lung masks back onto each input slice's pixel grid."""
         out = []
         for prob, (_, lung_c, geo) in zip(probs, prepared, strict=True):
-            out.append(SlicePrediction(prob=from_canonical(prob, geo),
-                                       lung=from_canonical(lung_c.astype(np.float32), geo) >= 0.5, geometry=geo))
+            if lung_c.any():
+                prob_in = from_canonical(prob, geo)
+                lung_in = from_canonical(lung_c.astype(np.float32), geo) >= 0.5
+            else:  # no lung, so zero probability: nothing to resize
+                prob_in = np.zeros((geo.height, geo.width), dtype=np.float32)
+                lung_in = np.zeros((geo.height, geo.width), dtype=bool)
+            out.append(SlicePrediction(prob=prob_in, lung=lung_in, geometry=geo))
         return out
 
 
@@ -210,19 +222,23 @@ def split_sides(lung: np.ndarray, midline: float) -> tuple[np.ndarray, str]:
     sides = np.where(lung, np.where(left_cols, LEFT, RIGHT).astype(np.uint8), np.uint8(0)).astype(np.uint8)
     if not lung.any():
         return sides, "midline"
-    labels = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(lung.astype(np.uint8))))
+    # the components inside the lung mask's bounding box only (the same components, fewer voxels to scan)
+    box = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in
+                (np.flatnonzero(lung.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))))
+    labels = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(lung[box].astype(np.uint8))))
     comps = sitk.GetArrayFromImage(sitk.Clamp(labels, sitk.sitkUInt8, 0, 3))  # 1, 2 = largest two; 3 = rest
     sizes = np.bincount(comps.ravel())
     if sizes.size < 3:
         return sides, "midline"
-    on_left = np.bincount(comps[..., left_cols].ravel(), minlength=sizes.size)
+    on_left = np.bincount(comps[..., left_cols[box[2]]].ravel(), minlength=sizes.size)
     share_left = on_left[1:3] / sizes[1:3]
     clean = (sizes[2] >= COMPONENT_MIN_SHARE * sizes[1] and share_left.max() >= COMPONENT_CLEAN_SIDE
              and share_left.min() <= 1 - COMPONENT_CLEAN_SIDE)
     if not clean:
         return sides, "midline"
+    inside = sides[box]  # a view: labelled in place
     for label, share in zip((1, 2), share_left, strict=True):
-        sides[comps == label] = LEFT if share > 0.5 else RIGHT
+        inside[comps == label] = LEFT if share > 0.5 else RIGHT
     return sides, "components"
 
 
