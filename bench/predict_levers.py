@@ -204,11 +204,16 @@ def _prepare_chunk(args: tuple[np.ndarray, str, int]) -> list:
 
 
 def pool_lever(slices: np.ndarray, domain: str, size: int) -> dict:
-    """Lung segmentation + harmonisation in this process vs split over 2 worker processes."""
+    """Lung segmentation + harmonisation in this process vs split over 2 worker processes.
+
+    The workers are spawned, not forked: forked after torch has run its OpenMP threads here, both workers
+    hung at 0 % CPU in the first run of this script (2026-12-02), a trap for adopting this lever.
+    """
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     _, one = timed(_prepare_chunk, (slices, domain, size))
-    with ProcessPoolExecutor(2) as pool:
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_prepare_chunk, [(slices[:2], domain, size)] * 2))  # start the workers, import
         start = time.perf_counter()
         list(pool.map(_prepare_chunk, [(slices[0::2], domain, size), (slices[1::2], domain, size)]))
