@@ -130,7 +130,7 @@ def build_segmentation(series: DicomSeries, headers: Sequence[pydicom.Dataset], 
     bits = lesion.astype(np.uint8) | (sides == right).astype(np.uint8) << 1 | (sides == left).astype(np.uint8) << 2
     frames = frames_on_source_grids(bits, image, series, headers)  # one reorientation for the three masks
     # (N, Rows, Columns, 3) as highdicom wants it, each segment contiguous in memory: highdicom sums over the
-    # segment axis (overlap check), 5 times faster in this layout than with the segments interleaved
+    # segment axis (overlap check): 0.28 vs 1.37 s for 148 slices than with them interleaved (one run, loaded)
     segments = np.moveaxis(np.stack([(frames & bit) > 0 for bit in (1, 2, 4)]), 0, -1)
     algorithm = hd.AlgorithmIdentificationSequence(
         name="covseg", family=codes.cid7162.ArtificialIntelligence, version=algorithm_version,
