@@ -2,7 +2,8 @@
 
 Profiled into the parts predict_study times itself (report.json `timing_s`): read + validate the DICOM
 series, lung segmentation + harmonisation, the network, mapping back to the input grid, analysis (left/right
-split, burden), writing the masks, drawing the overlay. The model is loaded once, before the timed runs
+split), the report (burden), writing the masks, the DICOM SEG, drawing the overlay. For studies of 50-600
+slices, cold and warm, see bench/predict_study.py. The model is loaded once, before the timed runs
 (cold start, imports included, is reported apart). The load average is read before and after: on a shared
 machine, numbers taken under load are slower than the machine.
 
@@ -25,7 +26,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_STUDY = REPO.parent / "shared" / "datasets" / "covid-ct-md" / "P001"
-PARTS = ("read", "lungs_harmonise", "model", "map_back", "analyse", "write_masks", "write_overlay")
+PARTS = ("read", "lungs_harmonise", "model", "map_back", "analyse", "report", "write_masks", "write_seg",
+         "write_overlay")
 
 
 def cpu_name() -> str:

@@ -1,7 +1,11 @@
 """CT input/output with SimpleITK: DICOM series, NIfTI volumes, 2-D slices, masks, and atomic writes.
 
 Every reader validates what it reads and raises :class:`InputError` naming the file and the problem, so a
-command can print one clear line and exit non-zero before anything is written.
+command can print one clear line and exit non-zero before anything is written. :func:`read_study` is the
+one entry for "any input a user may give" (`covseg predict`): it decides the kind once and calls the reader.
+
+SimpleITK is imported inside the functions that use it: many modules import this one for
+:class:`InputError` or :func:`atomic_dir` alone and should not pay for it.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
-import SimpleITK as sitk
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 from covseg.errors import InputError
 
@@ -38,6 +44,9 @@ TAG_SERIES_UID = "0020|000e"
 # Identity that a de-identified header must not carry. PatientID is not here: de-identified studies keep a
 # pseudonym in it (COVID-CT-MD does), and a pseudonym cannot be told from an identifier by looking at it.
 IDENTIFYING_TAGS = {TAG_PATIENT_NAME: "PatientName", TAG_BIRTH_DATE: "PatientBirthDate"}
+HU_AIR_MAX = -500.0
+"""A chest CT in Hounsfield units holds air (about -1000 HU) in the lungs; a volume whose minimum is
+above this is not in HU (e.g. an 8-bit export) and is refused rather than segmented wrongly."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,8 @@ class DicomSeries:
     image: sitk.Image
     instance_numbers: list[int]
     files: list[str]
+    file_orientation: str = "LPS"
+    """Orientation code of the series as stored (before the volume was reoriented to LPS)."""
 
 
 def sha256_file(path: str | Path) -> str:
@@ -66,6 +77,8 @@ def _require_file(path: Path) -> None:
 
 
 def _dicom_header(path: Path) -> sitk.ImageFileReader:
+    import SimpleITK as sitk
+
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.LoadPrivateTagsOff()
@@ -103,6 +116,8 @@ def check_spacing(path: Path, spacing: list[float]) -> None:
 
 def read_dicom_series(folder: str | Path, allow_identified: bool = False) -> DicomSeries:
     """Read one CT series from a folder, sorted by slice position, in HU (int16), oriented LPS."""
+    import SimpleITK as sitk
+
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(folder, "DICOM folder not found")
@@ -134,13 +149,15 @@ def read_dicom_series(folder: str | Path, allow_identified: bool = False) -> Dic
         image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(folder, f"cannot decode the series: {str(exc).splitlines()[0][:200]}") from exc
+    file_orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
     image = sitk.DICOMOrient(image, "LPS")
     if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
         raise InputError(folder, "series contains NaN or infinite values")
     # Reorientation may flip the slice axis: order the files as the oriented volume's z index runs.
     names.sort(key=lambda n: image.TransformPhysicalPointToContinuousIndex(_position(headers[n]))[2])
     instances = [int(_tag(headers[n], TAG_INSTANCE_NUMBER) or -1) for n in names]
-    return DicomSeries(image=sitk.Cast(image, sitk.sitkInt16), instance_numbers=instances, files=names)
+    return DicomSeries(image=sitk.Cast(image, sitk.sitkInt16), instance_numbers=instances, files=names,
+                       file_orientation=file_orientation)
 
 
 def _position(reader: sitk.ImageFileReader) -> list[float]:
@@ -215,6 +232,8 @@ def _nifti_nonfinite(path: Path) -> int:
 
 def read_volume(path: str | Path) -> sitk.Image:
     """Read a 3-D NIfTI CT volume (HU expected), oriented LPS, refusing NaN, constant or 4-D data."""
+    import SimpleITK as sitk
+
     path = Path(path)
     _require_file(path)
     reader = sitk.ImageFileReader()
@@ -247,6 +266,8 @@ def read_volume(path: str | Path) -> sitk.Image:
 
 def read_slice(path: str | Path) -> np.ndarray:
     """Read a 2-D 8-bit greyscale slice (PNG/JPEG) as a uint8 array; refuse RGB, 16-bit, blank images."""
+    import SimpleITK as sitk
+
     path = Path(path)
     _require_file(path)
     if path.suffix.lower() not in SLICE_SUFFIXES:
@@ -275,6 +296,8 @@ def read_slice(path: str | Path) -> np.ndarray:
 
 def read_mask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
     """Read a binary mask PNG ({0,255}, binarised at >127) and check it matches its image's shape."""
+    import SimpleITK as sitk
+
     path = Path(path)
     _require_file(path)
     try:
@@ -292,8 +315,130 @@ def read_mask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
     return array > 127
 
 
+INPUT_KINDS = ("dicom", "nifti", "slice")
+
+
+@dataclass
+class Study:
+    """A validated input, as axial slices in the radiological view (anterior up, patient's right on the left).
+
+    Attributes:
+        kind: one of INPUT_KINDS.
+        slices: (Z, H, W) array; HU (int16) for volumes, uint8 for a slice (after `rotate`).
+        domain: 'hu' or '8bit'.
+        image: the LPS-oriented volume whose voxel grid `slices` is (volumes only).
+        header: the NIfTI file's own geometry (size, spacing, origin, direction, orientation code).
+        series: the DICOM series (files in z order, instance numbers, stored orientation; DICOM only).
+        headers: the series' headers as pydicom datasets, no pixel data, in z order (DICOM only).
+        rotate: np.rot90 k that was applied to a 2-D slice.
+    """
+
+    path: Path
+    kind: str
+    slices: np.ndarray
+    domain: str
+    image: Any = None
+    header: dict[str, Any] | None = None
+    series: DicomSeries | None = None
+    headers: list[Any] | None = None
+    rotate: int = 0
+
+    @property
+    def instance_numbers(self) -> list[int] | None:
+        """DICOM InstanceNumber of each z index (DICOM only)."""
+        return None if self.series is None else self.series.instance_numbers
+
+    @property
+    def voxel_ml(self) -> float | None:
+        """Volume of one voxel in mL (None for a 2-D slice: JPEG/PNG carry no pixel spacing)."""
+        return None if self.image is None else float(np.prod(self.image.GetSpacing())) / 1000.0
+
+
+def read_dicom_headers(files: list[str]) -> list[Any]:
+    """pydicom headers (no pixel data) of validated DICOM files, for writers that reference them (DICOM SEG).
+
+    pydicom's own value checks are off while reading (an invalid UID is a reason not to reference the file,
+    found by the writer, not a warning for the user) and restored afterwards. pydicom checks a value when
+    it first converts it, so every element is converted here, inside.
+    """
+    import pydicom
+
+    settings = pydicom.config.settings
+    before = settings.reading_validation_mode
+    settings.reading_validation_mode = pydicom.config.IGNORE
+    try:
+        headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
+        for header in headers:
+            header.walk(lambda dataset, element: None)  # converts (and so checks) every element now
+        return headers
+    finally:
+        settings.reading_validation_mode = before
+
+
+def input_kind(path: Path) -> str:
+    """What a user's input is: 'dicom' (a series folder), 'nifti' (.nii/.nii.gz) or 'slice' (PNG/JPEG)."""
+    name = path.name.lower()
+    if not path.exists():
+        raise InputError(path, "input not found (expected a DICOM series folder, a NIfTI volume or a PNG/JPEG slice)")
+    if path.is_dir():
+        return "dicom"
+    if name.endswith(VOLUME_SUFFIXES):
+        return "nifti"
+    if name.endswith(SLICE_SUFFIXES):
+        return "slice"
+    if name.endswith(".dcm"):
+        raise InputError(path, "give the folder of the DICOM series, not one of its files")
+    raise InputError(path, f"unsupported input {path.suffix!r}: expected a DICOM series folder, .nii/.nii.gz, "
+                           f"or {'/'.join(SLICE_SUFFIXES)}")
+
+
+def nifti_geometry(path: Path) -> dict[str, Any]:
+    """A NIfTI file's own geometry as stored (size, spacing, origin, direction, orientation code)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    direction = reader.GetDirection()
+    return {"size": list(reader.GetSize()), "spacing": list(reader.GetSpacing()), "origin": list(reader.GetOrigin()),
+            "direction": list(direction),
+            "orientation": sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(direction)}
+
+
+def read_study(input_path: str | Path, rotate: int = 0, allow_identified: bool = False) -> Study:
+    """Read and validate a DICOM series folder, a NIfTI volume (.nii/.nii.gz) or a PNG/JPEG slice.
+
+    Raises:
+        InputError: missing or unreadable input, an unsupported format, a series that fails validation
+            (modality, patient identity, missing slices ...), or a volume not in Hounsfield units.
+    """
+    import SimpleITK as sitk
+
+    path = Path(input_path)
+    kind = input_kind(path)
+    if kind == "slice":
+        image = np.ascontiguousarray(np.rot90(read_slice(path), rotate))
+        return Study(path, kind, image[None], "8bit", rotate=rotate)
+    if rotate % 4:
+        raise InputError(path, "--rotate applies to 2-D slices only (volumes are oriented from their header)")
+    if kind == "dicom":
+        series = read_dicom_series(path, allow_identified=allow_identified)
+        study = Study(path, kind, sitk.GetArrayFromImage(series.image), "hu", image=series.image, series=series,
+                      headers=read_dicom_headers(series.files))
+    else:
+        volume = read_volume(path)
+        study = Study(path, kind, sitk.GetArrayFromImage(volume), "hu", image=volume, header=nifti_geometry(path))
+    lowest = float(study.slices.min())
+    if lowest > HU_AIR_MAX:
+        raise InputError(path, f"does not look like Hounsfield units (minimum {lowest:.0f}, "
+                               f"expected air below {HU_AIR_MAX:.0f} HU)")
+    return study
+
+
 def write_mask_png(mask: np.ndarray, path: str | Path) -> None:
     """Write a boolean mask as a {0,255} PNG."""
+    import SimpleITK as sitk
+
     sitk.WriteImage(sitk.GetImageFromArray(mask.astype(np.uint8) * 255), str(path))
 
 

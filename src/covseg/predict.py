@@ -3,11 +3,17 @@
 The pipeline's evaluation, `covseg evaluate`, `covseg predict` and the MLflow pyfunc model all call
 :class:`LesionSegmenter`, so they give the same masks. :func:`predict_study` is `covseg predict`: one
 DICOM series, NIfTI volume or 2-D slice in; lesion and lung masks in the input's geometry, a lesion-burden
-report and an overlay montage out.
+report and an overlay montage out. It is read (`covseg.io.read_study`) -> :func:`segment_study` ->
+:func:`build_report` (pure) -> :func:`write_outputs`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +22,32 @@ import numpy as np
 import torch
 
 from covseg.harmonise import Geometry, canonical_slice, from_canonical, to_8bit_look
+from covseg.io import InputError, Study
 from covseg.segment import load_segmenter, segment_canonical
+
+KNOWN_LIBRARY_WARNINGS = (
+    # MLflow asks every PythonModel without type hints on `predict` for them, when covseg.serving is first
+    # imported (here: when a models:/ URI is loaded). The served model's schema is its logged signature
+    # (serving.signature), so the advice is for whoever logs models, not for a user of `covseg predict`.
+    (UserWarning, "Add type hints to the `predict` method"),
+)
+"""(category, message text) of the library warnings that `covseg predict` keeps from its user."""
+
+
+@contextlib.contextmanager
+def quiet_library_warnings() -> Iterator[None]:
+    """Drop KNOWN_LIBRARY_WARNINGS raised inside the block; every other warning is shown as usual.
+
+    The warnings are recorded and re-issued rather than filtered: MLflow installs its own filter around
+    the check that warns ("once"), which would override a filter set here.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for item in caught:
+        if not any(issubclass(item.category, category) and text in str(item.message)
+                   for category, text in KNOWN_LIBRARY_WARNINGS):
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
 
 
 @dataclass
@@ -46,9 +77,9 @@ class LesionSegmenter:
             from covseg.tracking import configure
 
             configure()
-            return mlflow.pyfunc.load_model(text).unwrap_python_model().segmenter
+            with quiet_library_warnings():
+                return mlflow.pyfunc.load_model(text).unwrap_python_model().segmenter
         if not Path(text).is_dir():
-            from covseg.io import InputError
 
             raise InputError(text, "model folder not found (expected segmenter.pt inside)")
         return cls(*load_segmenter(text))
@@ -56,8 +87,6 @@ class LesionSegmenter:
     @classmethod
     def from_files(cls, weights: str | Path, meta: str | Path) -> LesionSegmenter:
         """From a state-dict file and its JSON metadata (as stored in the MLflow model)."""
-        import json
-
         from covseg.nets import build_segmenter
         from covseg.training import load_state
 
@@ -77,18 +106,30 @@ class LesionSegmenter:
         return [canonical_slice(image, domain, self.size) for image in images]
 
     def infer(self, prepared: list[tuple[np.ndarray, np.ndarray, Geometry]], batch_size: int = 32) -> np.ndarray:
-        """The network: canonical lesion probabilities (N, S, S), zero outside the lungs."""
-        canon = np.stack([p[0] for p in prepared])
+        """The network: canonical lesion probabilities (N, S, S), zero outside the lungs.
+
+        Slices without lung (neck, abdomen) skip the network: their probability is zero whatever it computes.
+        """
         lungs = np.stack([p[1] for p in prepared])
-        return segment_canonical(self.model, canon, lungs, batch_size)
+        probs = np.zeros(lungs.shape, dtype=np.float32)
+        keep = np.flatnonzero(lungs.reshape(len(lungs), -1).any(axis=1))
+        if keep.size:
+            canon = np.stack([prepared[i][0] for i in keep])
+            probs[keep] = segment_canonical(self.model, canon, lungs[keep], batch_size)
+        return probs
 
     @staticmethod
     def restore(probs: np.ndarray, prepared: list[tuple[np.ndarray, np.ndarray, Geometry]]) -> list[SlicePrediction]:
         """Map canonical probabilities and lung masks back onto each input slice's pixel grid."""
         out = []
         for prob, (_, lung_c, geo) in zip(probs, prepared, strict=True):
-            out.append(SlicePrediction(prob=from_canonical(prob, geo),
-                                       lung=from_canonical(lung_c.astype(np.float32), geo) >= 0.5, geometry=geo))
+            if lung_c.any():
+                prob_in = from_canonical(prob, geo)
+                lung_in = from_canonical(lung_c.astype(np.float32), geo) >= 0.5
+            else:  # no lung, so zero probability: nothing to resize
+                prob_in = np.zeros((geo.height, geo.width), dtype=np.float32)
+                lung_in = np.zeros((geo.height, geo.width), dtype=bool)
+            out.append(SlicePrediction(prob=prob_in, lung=lung_in, geometry=geo))
         return out
 
 
@@ -102,9 +143,6 @@ REPORT, OVERLAY = "report.json", "overlay.png"
 RIGHT, LEFT = 1, 2
 """Labels of the volume lung mask (the lesion mask is binary). Patient sides, not image sides."""
 SIDES = {RIGHT: "right", LEFT: "left"}
-HU_AIR_MAX = -500.0
-"""A chest CT in Hounsfield units holds air (about -1000 HU) in the lungs; a volume whose minimum is
-above this is not in HU (e.g. an 8-bit export) and is refused rather than segmented wrongly."""
 OVERLAY_SLICES = 6
 COMPONENT_MIN_SHARE = 0.2
 COMPONENT_CLEAN_SIDE = 0.9
@@ -112,96 +150,8 @@ COMPONENT_CLEAN_SIDE = 0.9
 of the larger's voxels and each lies at least COMPONENT_CLEAN_SIDE on its own side of the body midline."""
 
 
-@dataclass
-class Study:
-    """A validated input, as axial slices in the radiological view (anterior up, patient's right on the left).
-
-    Attributes:
-        kind: 'dicom', 'nifti' or 'slice'.
-        slices: (Z, H, W) array; HU (int16) for volumes, uint8 for a slice (after `rotate`).
-        domain: 'hu' or '8bit'.
-        image: the LPS-oriented volume whose voxel grid `slices` is (volumes only).
-        header: the NIfTI file's own geometry (size, spacing, origin, direction, orientation code).
-        instance_numbers: DICOM InstanceNumber of each z index (DICOM only).
-        rotate: np.rot90 k that was applied to a 2-D slice.
-    """
-
-    path: Path
-    kind: str
-    slices: np.ndarray
-    domain: str
-    image: Any = None
-    header: dict[str, Any] | None = None
-    instance_numbers: list[int] | None = None
-    rotate: int = 0
-
-    @property
-    def voxel_ml(self) -> float | None:
-        """Volume of one voxel in mL (None for a 2-D slice: JPEG/PNG carry no pixel spacing)."""
-        return None if self.image is None else float(np.prod(self.image.GetSpacing())) / 1000.0
-
-
-def _nifti_header(path: Path) -> dict[str, Any]:
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    direction = reader.GetDirection()
-    return {"size": list(reader.GetSize()), "spacing": list(reader.GetSpacing()), "origin": list(reader.GetOrigin()),
-            "direction": list(direction),
-            "orientation": sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(direction)}
-
-
-def read_study(input_path: str | Path, rotate: int = 0, allow_identified: bool = False) -> Study:
-    """Read and validate a DICOM series folder, a NIfTI volume (.nii/.nii.gz) or a PNG/JPEG slice.
-
-    Raises:
-        InputError: missing or unreadable input, an unsupported format, a series that fails validation
-            (modality, patient identity, missing slices ...), or a volume not in Hounsfield units.
-    """
-    import SimpleITK as sitk
-
-    from covseg.io import (
-        SLICE_SUFFIXES,
-        VOLUME_SUFFIXES,
-        InputError,
-        read_dicom_series,
-        read_slice,
-        read_volume,
-    )
-
-    path = Path(input_path)
-    name = path.name.lower()
-    if not path.exists():
-        raise InputError(path, "input not found (expected a DICOM series folder, a NIfTI volume or a PNG/JPEG slice)")
-    if path.is_dir() or name.endswith(VOLUME_SUFFIXES):
-        if rotate % 4:
-            raise InputError(path, "--rotate applies to 2-D slices only (volumes are oriented from their header)")
-        if path.is_dir():
-            series = read_dicom_series(path, allow_identified=allow_identified)
-            study = Study(path, "dicom", sitk.GetArrayFromImage(series.image), "hu", image=series.image,
-                          instance_numbers=series.instance_numbers)
-        else:
-            image = read_volume(path)
-            study = Study(path, "nifti", sitk.GetArrayFromImage(image), "hu", image=image, header=_nifti_header(path))
-        if float(study.slices.min()) > HU_AIR_MAX:
-            raise InputError(path, f"does not look like Hounsfield units (minimum {float(study.slices.min()):.0f}, "
-                                   f"expected air below {HU_AIR_MAX:.0f} HU)")
-        return study
-    if name.endswith(SLICE_SUFFIXES):
-        image = np.ascontiguousarray(np.rot90(read_slice(path), rotate))
-        return Study(path, "slice", image[None], "8bit", rotate=rotate)
-    if name.endswith(".dcm"):
-        raise InputError(path, "give the folder of the DICOM series, not one of its files")
-    raise InputError(path, f"unsupported input {path.suffix!r}: expected a DICOM series folder, .nii/.nii.gz, "
-                           f"or {'/'.join(SLICE_SUFFIXES)}")
-
-
 def _check_out_dir(out_dir: Path, input_path: Path) -> None:
     """Refuse an output folder that would replace the input or a folder that is not an earlier output."""
-    from covseg.io import InputError
-
     out, source = out_dir.resolve(), input_path.resolve()
     if out == source or out in source.parents:
         raise InputError(out_dir, "output folder holds the input; choose another --out")
@@ -272,19 +222,23 @@ def split_sides(lung: np.ndarray, midline: float) -> tuple[np.ndarray, str]:
     sides = np.where(lung, np.where(left_cols, LEFT, RIGHT).astype(np.uint8), np.uint8(0)).astype(np.uint8)
     if not lung.any():
         return sides, "midline"
-    labels = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(lung.astype(np.uint8))))
+    # the components inside the lung mask's bounding box only (the same components, fewer voxels to scan)
+    box = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in
+                (np.flatnonzero(lung.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))))
+    labels = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(lung[box].astype(np.uint8))))
     comps = sitk.GetArrayFromImage(sitk.Clamp(labels, sitk.sitkUInt8, 0, 3))  # 1, 2 = largest two; 3 = rest
     sizes = np.bincount(comps.ravel())
     if sizes.size < 3:
         return sides, "midline"
-    on_left = np.bincount(comps[..., left_cols].ravel(), minlength=sizes.size)
+    on_left = np.bincount(comps[..., left_cols[box[2]]].ravel(), minlength=sizes.size)
     share_left = on_left[1:3] / sizes[1:3]
     clean = (sizes[2] >= COMPONENT_MIN_SHARE * sizes[1] and share_left.max() >= COMPONENT_CLEAN_SIDE
              and share_left.min() <= 1 - COMPONENT_CLEAN_SIDE)
     if not clean:
         return sides, "midline"
+    inside = sides[box]  # a view: labelled in place
     for label, share in zip((1, 2), share_left, strict=True):
-        sides[comps == label] = LEFT if share > 0.5 else RIGHT
+        inside[comps == label] = LEFT if share > 0.5 else RIGHT
     return sides, "components"
 
 
@@ -309,40 +263,6 @@ def _pick_overlay(lesion_per_slice: np.ndarray, lung_per_slice: np.ndarray, n: i
     return sorted(chosen)
 
 
-def write_overlay(path: str | Path, study: Study, lesion: np.ndarray, lung: np.ndarray, chosen: list[int],
-                  titles: list[str]) -> None:
-    """A montage of the chosen slices: CT (lung window), lesion in red, lung contour in cyan."""
-    from matplotlib.colors import ListedColormap
-
-    from covseg import report
-
-    plt = report._pyplot()
-    n_cols = min(3, len(chosen))
-    n_rows = -(-len(chosen) // n_cols)
-    aspect = 1.0
-    if study.image is not None:
-        sx, sy = study.image.GetSpacing()[:2]
-        aspect = sy / sx
-    figure, axes = plt.subplots(n_rows, n_cols, figsize=(3.2 * n_cols, 3.5 * n_rows + 0.3), squeeze=False,
-                                layout="constrained")
-    red = ListedColormap(["red"])
-    for axis in axes.ravel():
-        axis.axis("off")
-    for axis, z, title in zip(axes.ravel(), chosen, titles, strict=False):
-        axis.imshow(to_8bit_look(study.slices[z], study.domain), cmap="gray", vmin=0, vmax=255, aspect=aspect,
-                    interpolation="nearest")
-        if lesion[z].any():
-            axis.imshow(np.ma.masked_where(~lesion[z], lesion[z]), cmap=red, alpha=0.45, aspect=aspect,
-                        interpolation="nearest")
-        if lung[z].any():
-            axis.contour(lung[z].astype(np.uint8), levels=[0.5], colors="cyan", linewidths=0.6)
-        axis.text(0.02, 0.5, "R", color="yellow", fontsize=8, transform=axis.transAxes, va="center")
-        axis.text(0.98, 0.5, "L", color="yellow", fontsize=8, transform=axis.transAxes, va="center", ha="right")
-        axis.set_title(title, fontsize=8)
-    figure.suptitle("lesion (red), lung contour (cyan); radiological view", fontsize=9)
-    report.save(figure, path)
-
-
 def _mask_image(array: np.ndarray, study: Study) -> Any:
     """A uint8 mask on the input's voxel grid: the LPS series grid (DICOM) or the NIfTI file's own grid."""
     import SimpleITK as sitk
@@ -361,10 +281,195 @@ def _mask_image(array: np.ndarray, study: Study) -> Any:
     return mask
 
 
+class Timer:
+    """Wall seconds per named part of a run: each `with timer("model"): ...` adds to `timer.parts["model"]`."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.parts: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, part: str) -> Iterator[None]:
+        mark = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.parts[part] = self.parts.get(part, 0.0) + time.perf_counter() - mark
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the timer was made."""
+        return time.perf_counter() - self.start
+
+
+@dataclass
+class StudyMasks:
+    """What the segmenter found in a study, on the grid of `Study.slices` (Z, H, W)."""
+
+    lesion: np.ndarray
+    """bool: lesion probability >= the threshold."""
+    sides: np.ndarray
+    """uint8: 0 outside the lungs, RIGHT or LEFT inside."""
+    midline: float
+    """Body midline column (median over the slices with lung)."""
+    split: str
+    """How the sides were told apart: 'components' or 'midline' (see split_sides)."""
+
+    @property
+    def lung(self) -> np.ndarray:
+        return self.sides > 0
+
+
+def segment_study(study: Study, segmenter: LesionSegmenter, batch_size: int = 32, threshold: float = 0.5,
+                  timer: Timer | None = None) -> StudyMasks:
+    """Lesion and lung masks of every slice of `study`, `batch_size` slices at a time; lungs split by side."""
+    from tqdm import tqdm
+
+    timer = timer or Timer()
+    n = len(study.slices)
+    lesion = np.zeros(study.slices.shape, dtype=bool)
+    lung = np.zeros(study.slices.shape, dtype=bool)
+    midlines = np.full(n, np.nan)
+    with tqdm(total=n, desc="predict", unit="slice", disable=None) as bar:
+        for first in range(0, n, batch_size):
+            batch = list(study.slices[first:first + batch_size])
+            with timer("lungs_harmonise"):
+                prepared = segmenter.prepare(batch, study.domain)
+            with timer("model"):
+                probs = segmenter.infer(prepared, batch_size)
+            with timer("map_back"):
+                for i, pred in enumerate(segmenter.restore(probs, prepared), start=first):
+                    lesion[i], lung[i] = pred.prob >= threshold, pred.lung
+                    if pred.lung.any():
+                        midlines[i] = (pred.geometry.c0 + pred.geometry.c1 - 1) / 2.0
+            bar.update(len(batch))
+    with timer("analyse"):
+        midline = float(np.nanmedian(midlines)) if np.isfinite(midlines).any() else (lung.shape[-1] - 1) / 2.0
+        sides, split = split_sides(lung, midline)
+    return StudyMasks(lesion=lesion, sides=sides, midline=midline, split=split)
+
+
+def build_report(study: Study, masks: StudyMasks, model: dict[str, Any], threshold: float,
+                 created: str, n_overlay: int = OVERLAY_SLICES) -> dict[str, Any]:
+    """The lesion-burden report of one study (what report.json holds, less the timings); no side effects.
+
+    Volumes are reported in mL (voxel volume from the spacing) and 2-D slices in pixels; both in % of each
+    lung, per side and per slice, with the slices chosen for the overlay.
+    """
+    from covseg import __version__
+
+    n = len(study.slices)
+    unit = study.voxel_ml
+    burden = _burden(masks.lesion, masks.sides, unit if unit is not None else 1.0)
+    lesion_z = masks.lesion.reshape(n, -1).sum(axis=1)
+    lung_z = masks.lung.reshape(n, -1).sum(axis=1)
+    report: dict[str, Any] = {
+        "covseg_version": __version__,
+        "created": created,
+        "input": {"path": str(study.path.resolve()), "kind": study.kind, "domain": study.domain},
+        "model": model,
+        "threshold": threshold,
+        "n_slices": n,
+        "lr_split": {"method": masks.split, "midline_column": masks.midline},
+    }
+    if unit is not None:
+        image = study.image
+        report["input"].update(size=list(image.GetSize()), spacing=list(image.GetSpacing()),
+                               origin=list(image.GetOrigin()), direction=list(image.GetDirection()),
+                               orientation="LPS")
+        if study.header is not None:
+            report["input"]["file_geometry"] = study.header
+        if study.instance_numbers is not None:
+            report["input"]["instance_numbers"] = study.instance_numbers
+        report["units"] = "mL"
+        report["voxel_ml"] = unit
+        report["lesion_ml"] = {k: v["lesion"] for k, v in burden.items()}
+        report["lung_ml"] = {k: v["lung"] for k, v in burden.items()}
+        report["outputs"] = {"lesion_mask": LESION_NII, "lung_mask": LUNG_NII, "overlay": OVERLAY,
+                             "lung_labels": {str(k): v for k, v in SIDES.items()}}
+        if study.headers is not None:
+            from covseg.dicom_seg import SEG_FILE, seg_blocker
+
+            blocker = seg_blocker(study.headers)
+            report["outputs"]["dicom_seg"] = SEG_FILE if blocker is None else None
+            if blocker is not None:
+                report["outputs"]["dicom_seg_skipped"] = blocker
+    else:
+        report["input"].update(size=list(np.rot90(study.slices[0], -study.rotate).shape[::-1]),
+                               rotate=study.rotate)
+        report["units"] = "pixels"
+        report["lesion_px"] = {k: v["lesion_voxels"] for k, v in burden.items()}
+        report["lung_px"] = {k: v["lung_voxels"] for k, v in burden.items()}
+        report["outputs"] = {"lesion_mask": LESION_PNG, "lung_mask": LUNG_PNG, "overlay": OVERLAY}
+    report["lesion_percent_of_lung"] = {k: v["percent"] for k, v in burden.items()}
+    report["voxels"] = {k: {"lesion": v["lesion_voxels"], "lung": v["lung_voxels"]} for k, v in burden.items()}
+    numbers = study.instance_numbers
+    report["per_slice"] = [
+        {"z": z, **({"instance_number": numbers[z]} if numbers else {}),
+         "lesion_voxels": int(lesion_z[z]), "lung_voxels": int(lung_z[z]),
+         "percent": 100.0 * float(lesion_z[z]) / float(lung_z[z]) if lung_z[z] else 0.0}
+        for z in range(n)]
+    report["overlay_slices"] = _pick_overlay(lesion_z, lung_z, n_overlay)
+    return report
+
+
+def _overlay_titles(report: dict[str, Any]) -> list[str]:
+    """One title per overlay slice: where it is (volumes), its lesion amount and % of lung."""
+    titles = []
+    volume = report["units"] == "mL"
+    for z in report["overlay_slices"]:
+        row = report["per_slice"][z]
+        amount = f"{row['lesion_voxels'] * report['voxel_ml']:.1f} mL" if volume else f"{row['lesion_voxels']} px"
+        title = f"{amount}, {row['percent']:.1f}% of lung"
+        if volume:
+            where = f"z={z}" + (f" (inst. {row['instance_number']})" if "instance_number" in row else "")
+            title = f"{where}: {title}"
+        titles.append(title)
+    return titles
+
+
+def write_outputs(folder: Path, study: Study, masks: StudyMasks, report: dict[str, Any],
+                  timer: Timer | None = None) -> None:
+    """The masks (NIfTI on the input's grid for volumes, PNG for a slice), for a DICOM series also as a DICOM
+    SEG referencing its instances (`covseg.dicom_seg`), and the overlay, into `folder`."""
+    import SimpleITK as sitk
+
+    from covseg import report as figures
+    from covseg.io import write_mask_png
+
+    timer = timer or Timer()
+    with timer("write_masks"):
+        if study.image is not None:
+            sitk.WriteImage(_mask_image(masks.lesion, study), str(folder / LESION_NII), True)
+            sitk.WriteImage(_mask_image(masks.sides, study), str(folder / LUNG_NII), True)
+        else:
+            write_mask_png(np.rot90(masks.lesion[0], -study.rotate), folder / LESION_PNG)
+            write_mask_png(np.rot90(masks.lung[0], -study.rotate), folder / LUNG_PNG)
+    if report["outputs"].get("dicom_seg"):
+        from covseg.dicom_seg import write_segmentation
+
+        with timer("write_seg"):
+            model = report["model"]
+            parameters = {"threshold": str(report["threshold"]),
+                          "model": str(model.get("uri") or "in-memory"), "model_version": str(model.get("version", ""))}
+            write_segmentation(folder / report["outputs"]["dicom_seg"], study.series, study.headers, study.image,
+                               masks.lesion, masks.sides, RIGHT, LEFT, report["covseg_version"], parameters)
+    with timer("write_overlay"):
+        chosen = report["overlay_slices"]
+        aspect = 1.0 if study.image is None else study.image.GetSpacing()[1] / study.image.GetSpacing()[0]
+        images = np.stack([to_8bit_look(study.slices[z], study.domain) for z in chosen])
+        figure = figures.overlay_montage(images, masks.lesion[chosen], masks.lung[chosen],
+                                         _overlay_titles(report), aspect)
+        figures.save(figure, folder / OVERLAY)
+
+
 def predict_study(input_path: str | Path, model: str | Path | LesionSegmenter, out_dir: str | Path,
                   batch_size: int = 32, rotate: int = 0, threshold: float = 0.5,
                   allow_identified: bool = False, n_overlay: int = OVERLAY_SLICES) -> dict[str, Any]:
     """Segment one study and write its outputs to `out_dir` (atomically: all files appear, or none).
+
+    read (:func:`covseg.io.read_study`) -> segment (:func:`segment_study`) -> report (:func:`build_report`)
+    -> write (:func:`write_outputs`, then report.json with the time each part took).
 
     Args:
         input_path: a DICOM series folder, a NIfTI volume (HU) or a 2-D PNG/JPEG slice (8-bit).
@@ -390,124 +495,28 @@ def predict_study(input_path: str | Path, model: str | Path | LesionSegmenter, o
         InputError: bad input (nothing is written).
     """
     import datetime
-    import json
-    import time
 
-    import SimpleITK as sitk
-    from tqdm import tqdm
-
-    from covseg import __version__
-    from covseg.io import atomic_dir, write_mask_png
+    from covseg.io import atomic_dir, read_study
     from covseg.training import device
 
-    start = time.perf_counter()
-    timing: dict[str, float] = {}
+    timer = Timer()
     input_path, out_dir = Path(input_path), Path(out_dir)
     _check_out_dir(out_dir, input_path)  # before reading: a refused --out costs nothing
-    study = read_study(input_path, rotate=rotate, allow_identified=allow_identified)
-    timing["read"] = time.perf_counter() - start
-
-    mark = time.perf_counter()
-    segmenter = model if isinstance(model, LesionSegmenter) else LesionSegmenter.load(model)
-    segmenter.model.to(device())  # bf16 autocast on CUDA (segment_canonical); the CPU otherwise
-    provenance = model_provenance(model, segmenter)
-    timing["load_model"] = time.perf_counter() - mark
-
-    n = len(study.slices)
-    lesion = np.zeros(study.slices.shape, dtype=bool)
-    lung = np.zeros(study.slices.shape, dtype=bool)
-    midlines = np.full(n, np.nan)
-    for key in ("lungs_harmonise", "model", "map_back"):
-        timing[key] = 0.0
-    with tqdm(total=n, desc="predict", unit="slice", disable=None) as bar:
-        for first in range(0, n, batch_size):
-            batch = list(study.slices[first:first + batch_size])
-            mark = time.perf_counter()
-            prepared = segmenter.prepare(batch, study.domain)
-            timing["lungs_harmonise"] += time.perf_counter() - mark
-            mark = time.perf_counter()
-            probs = segmenter.infer(prepared, batch_size)
-            timing["model"] += time.perf_counter() - mark
-            mark = time.perf_counter()
-            for i, pred in enumerate(segmenter.restore(probs, prepared), start=first):
-                lesion[i], lung[i] = pred.prob >= threshold, pred.lung
-                geo = pred.geometry
-                if pred.lung.any():
-                    midlines[i] = (geo.c0 + geo.c1 - 1) / 2.0
-            timing["map_back"] += time.perf_counter() - mark
-            bar.update(len(batch))
-
-    mark = time.perf_counter()
-    midline = float(np.nanmedian(midlines)) if np.isfinite(midlines).any() else (study.slices.shape[-1] - 1) / 2.0
-    sides, split = split_sides(lung, midline)
-    unit = study.voxel_ml
-    burden = _burden(lesion, sides, unit if unit is not None else 1.0)
-    lesion_z = lesion.reshape(n, -1).sum(axis=1)
-    lung_z = lung.reshape(n, -1).sum(axis=1)
-    chosen = _pick_overlay(lesion_z, lung_z, n_overlay)
-    timing["analyse"] = time.perf_counter() - mark
-
-    report: dict[str, Any] = {
-        "covseg_version": __version__,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "input": {"path": str(input_path.resolve()), "kind": study.kind, "domain": study.domain},
-        "model": provenance,
-        "threshold": threshold,
-        "n_slices": n,
-        "lr_split": {"method": split, "midline_column": midline},
-    }
-    if unit is not None:
-        image = study.image
-        report["input"].update(size=list(image.GetSize()), spacing=list(image.GetSpacing()),
-                               origin=list(image.GetOrigin()), direction=list(image.GetDirection()),
-                               orientation="LPS")
-        if study.header is not None:
-            report["input"]["file_geometry"] = study.header
-        if study.instance_numbers is not None:
-            report["input"]["instance_numbers"] = study.instance_numbers
-        report["units"] = "mL"
-        report["voxel_ml"] = unit
-        report["lesion_ml"] = {k: v["lesion"] for k, v in burden.items()}
-        report["lung_ml"] = {k: v["lung"] for k, v in burden.items()}
-        report["outputs"] = {"lesion_mask": LESION_NII, "lung_mask": LUNG_NII, "overlay": OVERLAY,
-                             "lung_labels": {str(k): v for k, v in SIDES.items()}}
-    else:
-        report["input"].update(size=list(np.rot90(study.slices[0], -rotate).shape[::-1]), rotate=rotate)
-        report["units"] = "pixels"
-        report["lesion_px"] = {k: v["lesion_voxels"] for k, v in burden.items()}
-        report["lung_px"] = {k: v["lung_voxels"] for k, v in burden.items()}
-        report["outputs"] = {"lesion_mask": LESION_PNG, "lung_mask": LUNG_PNG, "overlay": OVERLAY}
-    report["lesion_percent_of_lung"] = {k: v["percent"] for k, v in burden.items()}
-    report["voxels"] = {k: {"lesion": v["lesion_voxels"], "lung": v["lung_voxels"]} for k, v in burden.items()}
-    report["per_slice"] = [
-        {"z": z, **({"instance_number": study.instance_numbers[z]} if study.instance_numbers else {}),
-         "lesion_voxels": int(lesion_z[z]), "lung_voxels": int(lung_z[z]),
-         "percent": 100.0 * float(lesion_z[z]) / float(lung_z[z]) if lung_z[z] else 0.0}
-        for z in range(n)]
-    report["overlay_slices"] = chosen
-
+    with timer("read"):
+        study = read_study(input_path, rotate=rotate, allow_identified=allow_identified)
+    with timer("load_model"):
+        segmenter = model if isinstance(model, LesionSegmenter) else LesionSegmenter.load(model)
+        segmenter.model.to(device())  # bf16 autocast on CUDA (segment_canonical); the CPU otherwise
+        provenance = model_provenance(model, segmenter)
+    masks = segment_study(study, segmenter, batch_size, threshold, timer)
+    with timer("report"):
+        created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        report = build_report(study, masks, provenance, threshold, created, n_overlay)
     with atomic_dir(out_dir) as scratch:
-        mark = time.perf_counter()
-        if unit is not None:
-            sitk.WriteImage(_mask_image(lesion, study), str(scratch / LESION_NII), True)
-            sitk.WriteImage(_mask_image(sides, study), str(scratch / LUNG_NII), True)
-        else:
-            write_mask_png(np.rot90(lesion[0], -rotate), scratch / LESION_PNG)
-            write_mask_png(np.rot90(lung[0], -rotate), scratch / LUNG_PNG)
-        timing["write_masks"] = time.perf_counter() - mark
-        mark = time.perf_counter()
-        titles = []
-        for z in chosen:
-            where = f"z={z}" + (f" (inst. {study.instance_numbers[z]})" if study.instance_numbers else "")
-            amount = f"{lesion_z[z] * unit:.1f} mL" if unit is not None else f"{lesion_z[z]} px"
-            pct = report["per_slice"][z]["percent"]
-            titles.append(f"{where}: {amount}, {pct:.1f}% of lung" if study.kind != "slice" else
-                          f"{amount}, {pct:.1f}% of lung")
-        write_overlay(scratch / OVERLAY, study, lesion, lung, chosen, titles)
-        timing["write_overlay"] = time.perf_counter() - mark
-        report["timing_s"] = timing
-        report["seconds"] = time.perf_counter() - start
-        report["slices_per_s"] = n / report["seconds"]
+        write_outputs(scratch, study, masks, report, timer)
+        report["timing_s"] = dict(timer.parts)
+        report["seconds"] = timer.elapsed
+        report["slices_per_s"] = report["n_slices"] / report["seconds"]
         (scratch / REPORT).write_text(json.dumps(report, indent=2))
     return report
 
@@ -521,4 +530,7 @@ def format_summary(report: dict[str, Any]) -> str:
                   f"{pct['right']:.1f}%, left {les['left']:.1f} mL {pct['left']:.1f}%)")
     else:
         amount = f"lesion {report['lesion_px']['both']} px ({pct['both']:.1f}% of lung area)"
-    return f"{report['n_slices']} slice(s) in {report['seconds']:.1f} s: {amount}"
+    line = f"{report['n_slices']} slice(s) in {report['seconds']:.1f} s: {amount}"
+    if skipped := report["outputs"].get("dicom_seg_skipped"):
+        line += f"\nno DICOM SEG: {skipped}"
+    return line

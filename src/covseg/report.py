@@ -1,5 +1,6 @@
 """Figures people would rather look at than read: the method panel (CT slice, Grad-CAM, coarse label,
-fine label, final mask, ground truth). Loss curves are MLflow metric histories (`tracking.log_history`)."""
+fine label, final mask, ground truth) and `covseg predict`'s overlay montage. Loss curves are MLflow metric
+histories (`tracking.log_history`)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,35 @@ def method_panel(images: np.ndarray, columns: dict[str, np.ndarray], titles: lis
         axis.set_xticks([])
         axis.set_yticks([])
     figure.tight_layout()
+    return figure
+
+
+def overlay_montage(images: np.ndarray, lesion: np.ndarray, lung: np.ndarray, titles: list[str],
+                    aspect: float = 1.0) -> Any:
+    """Slices (0..255, radiological view) in up to 3 columns: lesion in red, lung contour in cyan.
+
+    `aspect` is the pixel height / width (row / column spacing) so that the anatomy is not stretched.
+    """
+    from matplotlib.colors import ListedColormap
+
+    plt = _pyplot()
+    n_cols = min(3, len(images))
+    n_rows = -(-len(images) // n_cols)
+    figure, axes = plt.subplots(n_rows, n_cols, figsize=(3.2 * n_cols, 3.5 * n_rows + 0.3), squeeze=False,
+                                layout="constrained")
+    red = ListedColormap(["red"])
+    for axis in axes.ravel():
+        axis.axis("off")
+    for axis, image, les, lung_mask, title in zip(axes.ravel(), images, lesion, lung, titles, strict=False):
+        axis.imshow(image, cmap="gray", vmin=0, vmax=255, aspect=aspect, interpolation="nearest")
+        if les.any():
+            axis.imshow(np.ma.masked_where(~les, les), cmap=red, alpha=0.45, aspect=aspect, interpolation="nearest")
+        if lung_mask.any():
+            axis.contour(lung_mask.astype(np.uint8), levels=[0.5], colors="cyan", linewidths=0.6)
+        axis.text(0.02, 0.5, "R", color="yellow", fontsize=8, transform=axis.transAxes, va="center")
+        axis.text(0.98, 0.5, "L", color="yellow", fontsize=8, transform=axis.transAxes, va="center", ha="right")
+        axis.set_title(title, fontsize=8)
+    figure.suptitle("lesion (red), lung contour (cyan); radiological view", fontsize=9)
     return figure
 
 
