@@ -22,7 +22,7 @@ import pytest
 import yaml
 from helpers import mlflow_at
 
-from covseg import registry
+from covseg import promotion, registry
 from covseg.audit import AuditError, audit_diff, audit_versions, format_audit, format_diff
 from covseg.config import params_hash
 from covseg.io import InputError
@@ -129,7 +129,7 @@ def registered(client: mlflow.MlflowClient, data_repo: dict[str, Any]) -> dict[s
                 uri, model_id = info.model_uri, info.model_id
             tags = {**_lineage(commit, md5, params, run.info.run_id[:12]), "eval_dice": f"{dice:.4f}"}
             mv = client.create_model_version(name, uri, run_id=run.info.run_id, tags=tags, model_id=model_id)
-        registry.promote(client, name, mv.version, dice, score_fn_for_champion=None, margin=0.01, floors={},
+        promotion.promote(client, name, mv.version, dice, score_fn_for_champion=None, margin=0.01, floors={},
                          candidate_metrics={})
         versions.append(str(mv.version))
     return {"name": name, "versions": versions, "uri": uri, "model_id": model_id}

@@ -21,16 +21,11 @@ import pytest
 import torch
 from helpers import mlflow_at
 
-from covseg import registry
-from covseg.registry import (
-    CHALLENGER,
-    CHAMPION,
-    Candidate,
-    Champion,
-    PromotionLeaseTimeout,
-    RegistrationError,
-    decide,
-)
+from covseg import lease, model_logging, promotion, registry, retry
+from covseg.lease import PromotionLeaseTimeout
+from covseg.model_logging import RegistrationError
+from covseg.promotion import Candidate, Champion, decide
+from covseg.registry import CHALLENGER, CHAMPION
 
 LINEAGE = {
     "git_commit": "0123abc",
@@ -114,7 +109,7 @@ def logged(
     x, _ = _eval_set()
     with mlflow.start_run(experiment_id=experiment_id) as run:
         t0 = time.perf_counter()
-        mv = registry.log_segmenter(
+        mv = model_logging.log_segmenter(
             net,
             pyfunc_model=TinySegmenter(),
             artifacts={"preprocessing": str(extra)},
@@ -181,7 +176,7 @@ def test_log_segmenter_upload_failure_registers_nothing(client, moto_server, mon
         mlflow.start_run(experiment_id=exp_id),
         pytest.raises(RegistrationError, match="nothing was registered"),
     ):
-        registry.log_segmenter(
+        model_logging.log_segmenter(
             TinyNet(),
             pyfunc_model=TinySegmenter(),
             artifacts={},
@@ -202,35 +197,16 @@ def test_log_segmenter_refuses_missing_lineage_or_run(client):
         "pip_requirements": PIP,
     }
     with pytest.raises(ValueError, match="git_commit"):
-        registry.log_segmenter(TinyNet(), tags={"data_md5": "x"}, **kwargs)
+        model_logging.log_segmenter(TinyNet(), tags={"data_md5": "x"}, **kwargs)
     assert mlflow.active_run() is None
     with pytest.raises(RegistrationError, match="active MLflow run"):
-        registry.log_segmenter(TinyNet(), tags=LINEAGE, **kwargs)
-
-
-def test_log_segmenter_default_wrapper_runs_the_module(client, experiment_id):
-    torch.manual_seed(1)
-    net, name = TinyNet(), _unique("covseg-default")
-    x, _ = _eval_set()
-    with mlflow.start_run(experiment_id=experiment_id):
-        mv = registry.log_segmenter(
-            net,
-            pyfunc_model=None,
-            artifacts={},
-            input_example=x[:1],
-            tags=LINEAGE,
-            registered_name=name,
-            pip_requirements=PIP,
-        )
-    out = mlflow.pyfunc.load_model(f"models:/{name}/{mv.version}").predict(x)
-    with torch.no_grad():
-        np.testing.assert_allclose(out, net(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-6)
+        model_logging.log_segmenter(TinyNet(), tags=LINEAGE, **kwargs)
 
 
 def test_load_champion_by_alias_and_predict(client, logged):
     name = _unique("covseg-load")
     v = _new_version(client, name, logged)
-    out = registry.promote(
+    out = promotion.promote(
         client,
         name,
         v,
@@ -258,7 +234,7 @@ def test_promote_no_champion_yet(client, logged):
     name = _unique("covseg-first")
     v1, v2 = _new_version(client, name, logged), _new_version(client, name, logged)
     # Fails a floor: even with no champion it only becomes challenger.
-    out = registry.promote(
+    out = promotion.promote(
         client,
         name,
         v1,
@@ -271,7 +247,7 @@ def test_promote_no_champion_yet(client, logged):
     assert out["decision"] == CHALLENGER and out["floor_failures"] == ["sensitivity=0.1000<0.5000"]
     assert _aliases(client, name) == {CHALLENGER: v1}
     # Passes the floors: takes champion.
-    out = registry.promote(
+    out = promotion.promote(
         client,
         name,
         v2,
@@ -286,13 +262,13 @@ def test_promote_no_champion_yet(client, logged):
     tags = _tags(client, name, v2)
     assert tags[registry.TAG_DECISION] == CHAMPION and float(tags[registry.TAG_CANDIDATE_DICE]) == 0.7
     assert tags[registry.TAG_CHAMPION_DICE] == "none" and tags[registry.TAG_CHAMPION_BEFORE] == "none"
-    assert client.search_registered_models(f"name = '{name}{registry.LEASE_SUFFIX}'") == []
+    assert client.search_registered_models(f"name = '{name}{lease.LEASE_SUFFIX}'") == []
 
 
 def test_promote_challenger_wins(client, logged):
     name = _unique("covseg-wins")
     v1, v2 = _new_version(client, name, logged), _new_version(client, name, logged)
-    registry.promote(
+    promotion.promote(
         client,
         name,
         v1,
@@ -309,7 +285,7 @@ def test_promote_challenger_wins(client, logged):
         seen.append(uri)
         return score_on_eval_set(uri)
 
-    out = registry.promote(
+    out = promotion.promote(
         client,
         name,
         v2,
@@ -332,10 +308,10 @@ def test_promote_challenger_wins(client, logged):
 def test_promote_champion_holds(client, logged):
     name = _unique("covseg-holds")
     v1, v2 = _new_version(client, name, logged), _new_version(client, name, logged)
-    registry.promote(
+    promotion.promote(
         client, name, v1, 0.80, score_fn_for_champion=None, margin=0.0, floors={}, candidate_metrics={}
     )
-    out = registry.promote(
+    out = promotion.promote(
         client, name, v2, 0.81, score_fn_for_champion=None, margin=0.02, floors={}, candidate_metrics={}
     )  # better, but not by the margin
     assert out["decision"] == CHALLENGER and out["champion_dice"] == 0.80
@@ -365,7 +341,7 @@ def test_concurrent_promotions_end_with_one_champion_the_better(client, logged, 
             time.sleep(0.05)
         try:
             # Slow champion evaluation widens the window between reading the alias and setting it.
-            results[version] = registry.promote(
+            results[version] = promotion.promote(
                 client,
                 name,
                 version,
@@ -399,17 +375,17 @@ def test_concurrent_promotions_end_with_one_champion_the_better(client, logged, 
 
 def test_promotion_lease_is_exclusive_and_expired_leases_are_broken(client):
     name = _unique("covseg-lease")
-    lease = f"{name}{registry.LEASE_SUFFIX}"
-    with registry.promotion_lease(client, name, ttl_s=30):
-        with pytest.raises(PromotionLeaseTimeout), registry.promotion_lease(client, name, timeout_s=0.5):
+    lease_name = f"{name}{lease.LEASE_SUFFIX}"
+    with lease.promotion_lease(client, name, ttl_s=30):
+        with pytest.raises(PromotionLeaseTimeout), lease.promotion_lease(client, name, timeout_s=0.5):
             pass
-    assert client.search_registered_models(f"name = '{lease}'") == []
-    with registry.promotion_lease(client, name, ttl_s=0.2) as stale_owner:
+    assert client.search_registered_models(f"name = '{lease_name}'") == []
+    with lease.promotion_lease(client, name, ttl_s=0.2) as stale_owner:
         time.sleep(0.3)  # the holder stalls past its expiry; the next promoter breaks the lease
-        with registry.promotion_lease(client, name, timeout_s=5) as new_owner:
-            assert client.get_registered_model(lease).tags["lease_owner"] == new_owner != stale_owner
+        with lease.promotion_lease(client, name, timeout_s=5) as new_owner:
+            assert client.get_registered_model(lease_name).tags["lease_owner"] == new_owner != stale_owner
         # Releasing the stale lease later must not delete someone else's lease (here: none left).
-    assert client.search_registered_models(f"name = '{lease}'") == []
+    assert client.search_registered_models(f"name = '{lease_name}'") == []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -458,7 +434,7 @@ def test_with_retries_backs_off_on_connection_errors_only():
                 raise RuntimeError("API request failed") from inner  # wrapped, as MLflow does
         return "ok"
 
-    assert registry.with_retries(flaky, what="t", attempts=4, sleep=sleeps.append) == "ok"
+    assert retry.with_retries(flaky, what="t", attempts=4, sleep=sleeps.append) == "ok"
     assert len(calls) == 3 and len(sleeps) == 2 and all(0 < s <= 8 for s in sleeps)
 
     def broken() -> None:
@@ -467,7 +443,7 @@ def test_with_retries_backs_off_on_connection_errors_only():
 
     calls.clear()
     with pytest.raises(ValueError):
-        registry.with_retries(broken, what="t", sleep=sleeps.append)
+        retry.with_retries(broken, what="t", sleep=sleeps.append)
     assert len(calls) == 1
 
     def down() -> None:
@@ -475,7 +451,7 @@ def test_with_retries_backs_off_on_connection_errors_only():
 
     sleeps.clear()
     with pytest.raises(ConnectionRefusedError):
-        registry.with_retries(
+        retry.with_retries(
             down, what="t", attempts=3, base_delay_s=1, max_delay_s=1.5, sleep=sleeps.append
         )
     assert len(sleeps) == 2 and max(sleeps) <= 1.5
