@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
+from covseg import telemetry
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 CT_MD = SHARED_DATASETS / "covid-ct-md"
@@ -40,8 +42,7 @@ SLICE_STEMS = (
 MEDSEG_STEMS = ("medseg_000", "medseg_001")
 # Rescale tags that GDCM's writer computes itself (copying them makes it throw).
 _WRITER_OWNED_TAGS = {"0028|1052", "0028|1053"}
-TELEMETRY_OFF = {"GX_ANALYTICS_ENABLED": "False", "DVC_NO_ANALYTICS": "1",
-                 "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+TELEMETRY_OFF = dict(telemetry.TELEMETRY_OFF)  # for subprocess environments (the one definition)
 
 
 def require_shared() -> Path:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from covseg.io import InputError
+from covseg.telemetry import TELEMETRY_OFF
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -237,7 +238,7 @@ def _md5_at(repo: Path, commit: str, dvc_file: str) -> str | None:
 
 
 def _dvc_diff(repo: Path, a: str, b: str) -> dict[str, Any]:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    env = {**os.environ, **TELEMETRY_OFF}
     cmd = [sys.executable, "-m", "dvc", "diff", "--json", a, b]
     try:
         done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=DVC_TIMEOUT_S,

@@ -21,14 +21,14 @@ from types import ModuleType
 from typing import Any
 
 from covseg.io import InputError
+from covseg.telemetry import TELEMETRY_OFF
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 """The source checkout holding ``pipelines/`` and ``components/`` (an editable install)."""
 
 DEFAULT_PACKAGE = CHECKOUT / "pipelines" / "training.yaml"
 _DOWNLOAD_THREADS = 16
-_TELEMETRY_OFF = {"GX_ANALYTICS_ENABLED": "False", "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-                  "DO_NOT_TRACK": "1"}
+_TELEMETRY_OFF = dict(TELEMETRY_OFF)
 
 
 def _training_module() -> ModuleType:
