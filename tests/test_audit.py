@@ -26,6 +26,7 @@ from covseg import promotion, registry
 from covseg.audit import AuditError, audit_diff, audit_versions, format_audit, format_diff
 from covseg.config import params_hash
 from covseg.io import InputError
+from covseg.telemetry import TELEMETRY_OFF
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 MEDSEG = DATASETS / "medseg-100"
@@ -45,7 +46,7 @@ def _unique(prefix: str) -> str:
 
 
 def _sh(repo: Path, *cmd: str) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_CONFIG_NOSYSTEM": "1"}
+    env = {**os.environ, **TELEMETRY_OFF, "GIT_CONFIG_NOSYSTEM": "1"}
     done = subprocess.run(list(cmd), cwd=repo, env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout.strip()
@@ -100,9 +101,9 @@ def data_repo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def client(mlflow_server: str) -> Iterator[mlflow.MlflowClient]:
+def client(mlflow_server_any: str) -> Iterator[mlflow.MlflowClient]:
     """Point MLflow at the session server inside this module only; restore afterwards."""
-    with mlflow_at(mlflow_server) as client:
+    with mlflow_at(mlflow_server_any) as client:
         yield client
 
 

@@ -8,6 +8,7 @@ under their own registered-model names, so they stay independent and fast.
 from __future__ import annotations
 
 import math
+import subprocess
 import threading
 import time
 import uuid
@@ -19,7 +20,7 @@ import mlflow.pyfunc
 import numpy as np
 import pytest
 import torch
-from helpers import mlflow_at
+from helpers import BIN, mlflow_at
 
 from covseg import lease, model_logging, promotion, registry, retry
 from covseg.lease import PromotionLeaseTimeout
@@ -84,9 +85,9 @@ def _unique(prefix: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def client(mlflow_server: str) -> Iterator[mlflow.MlflowClient]:
+def client(mlflow_server_any: str) -> Iterator[mlflow.MlflowClient]:
     """Point MLflow (tracking and, by default, registry) at the session server; restore afterwards."""
-    with mlflow_at(mlflow_server) as client:
+    with mlflow_at(mlflow_server_any) as client:
         yield client
 
 
@@ -386,6 +387,54 @@ def test_promotion_lease_is_exclusive_and_expired_leases_are_broken(client):
             assert client.get_registered_model(lease_name).tags["lease_owner"] == new_owner != stale_owner
         # Releasing the stale lease later must not delete someone else's lease (here: none left).
     assert client.search_registered_models(f"name = '{lease_name}'") == []
+
+
+# ------------------------------------------------------------------------------------------------
+# the PostgreSQL store
+# ------------------------------------------------------------------------------------------------
+
+
+def _alembic_head() -> str:
+    """The newest schema revision of the installed MLflow (what `mlflow db upgrade` migrates to)."""
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config
+
+    return ScriptDirectory.from_config(_get_alembic_config("postgresql://")).get_current_head()
+
+
+def _other_database(dsn: str, database: str) -> str:
+    return f"{dsn.rsplit('/', 1)[0]}/{database}"
+
+
+def test_postgres_store_holds_the_registry_and_db_upgrade_migrates(mlflow_server_postgres, postgres_server):
+    """Not sqlite pretending: a model registered through the server is a row in PostgreSQL, whose schema is
+    MLflow's newest; `mlflow db upgrade` (the prod migration path) brings an empty database to the same."""
+    import psycopg2
+
+    name = _unique("covseg-pg")
+    with mlflow_at(mlflow_server_postgres) as pg_client:
+        pg_client.create_registered_model(name)
+    dsn = postgres_server.dsn.replace("postgresql+psycopg2://", "postgresql://")
+
+    def query(url: str, sql: str, *args: str) -> list[tuple]:
+        conn = psycopg2.connect(url)
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, args)
+                return cur.fetchall() if cur.description else []
+        finally:
+            conn.close()
+
+    assert query(dsn, "SELECT name FROM registered_models WHERE name = %s", name) == [(name,)]
+    assert query(dsn, "SELECT version_num FROM alembic_version") == [(_alembic_head(),)]
+    query(dsn, "CREATE DATABASE upgrade_check")
+    upgraded = subprocess.run(
+        [str(BIN / "mlflow"), "db", "upgrade", _other_database(postgres_server.dsn, "upgrade_check")],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert upgraded.returncode == 0, upgraded.stderr[-2000:]
+    assert query(_other_database(dsn, "upgrade_check"), "SELECT version_num FROM alembic_version") == [
+        (_alembic_head(),)]
 
 
 # ------------------------------------------------------------------------------------------------
