@@ -149,6 +149,7 @@ def start_on_free_port(
     probe: Callable[[int], bool],
     tries: int = 3,
     stop_signal: int = signal.SIGTERM,
+    ready_timeout_s: float = READY_TIMEOUT_S,
 ) -> tuple[ServerProcess, int]:
     """Start a server on a free port and wait until ``probe(port)`` is true.
 
@@ -159,7 +160,7 @@ def start_on_free_port(
         port = free_port()
         server = start(name, make_cmd(port), log_path, env, stop_signal)
         try:
-            server.wait_ready(lambda p=port: probe(p))
+            server.wait_ready(lambda p=port: probe(p), ready_timeout_s)
             return server, port
         except RuntimeError as exc:
             server.stop()

@@ -32,10 +32,11 @@ DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 MEDSEG = DATASETS / "medseg-100"
 SLICES = DATASETS / "covid19-ct-seg-slices" / "images"
 PIP = ["mlflow"]  # explicit: skips requirement inference
+ECHO_CODE = Path(__file__).with_name("echo_model_code.py")
 
 
 class Trivial(mlflow.pyfunc.PythonModel):
-    """Stands in for the segmenter: the audit only reads the registry, never the model."""
+    """Stands in for a segmenter logged before models from code (pickled): the audit only reads the registry."""
 
     def predict(self, context, model_input: list[str], params=None) -> list[str]:
         return model_input
@@ -114,20 +115,20 @@ def _lineage(commit: str, md5: str, params: dict[str, Any], run: str) -> dict[st
 
 @pytest.fixture(scope="module")
 def registered(client: mlflow.MlflowClient, data_repo: dict[str, Any]) -> dict[str, Any]:
-    """v1 trained on data A, v2 on data B (better Dice: champion; v1 becomes challenger)."""
+    """v1 trained on data A (logged the old way, pickled), v2 on data B (a model from code; better Dice:
+    champion; v1 becomes challenger)."""
     name = _unique("covseg-audit")
     experiment_id = client.create_experiment(_unique("covseg-audit-tests"))
     client.create_registered_model(name)
-    versions, uri, model_id = [], None, None
-    for (commit, md5), dice, params in (
-        (data_repo["A"], 0.41, {"profile": "tiny", "seed": 0}),
-        (data_repo["B"], 0.52, {"profile": "quick", "seed": 0}),
+    versions = []
+    for (commit, md5), dice, params, python_model in (
+        (data_repo["A"], 0.41, {"profile": "tiny", "seed": 0}, Trivial()),
+        (data_repo["B"], 0.52, {"profile": "quick", "seed": 0}, str(ECHO_CODE)),
     ):
         with mlflow.start_run(experiment_id=experiment_id) as run:
             mlflow.log_metrics({"eval.dice": dice, "eval.iou": dice * 0.8})
-            if uri is None:
-                info = mlflow.pyfunc.log_model(name="model", python_model=Trivial(), pip_requirements=PIP)
-                uri, model_id = info.model_uri, info.model_id
+            info = mlflow.pyfunc.log_model(name="model", python_model=python_model, pip_requirements=PIP)
+            uri, model_id = info.model_uri, info.model_id
             tags = {**_lineage(commit, md5, params, run.info.run_id[:12]), "eval_dice": f"{dice:.4f}"}
             mv = client.create_model_version(name, uri, run_id=run.info.run_id, tags=tags, model_id=model_id)
         promotion.promote(client, name, mv.version, dice, score_fn_for_champion=None, margin=0.01, floors={},
@@ -152,6 +153,7 @@ def test_audit_versions_lists_data_version_params_metrics_and_aliases(client, da
     assert (v2["candidate_dice"], v2["champion_dice"]) == (0.52, 0.41)
     assert v1["run_metrics"]["eval.dice"] == pytest.approx(0.41)
     assert v2["run_metrics"]["eval.iou"] == pytest.approx(0.52 * 0.8)
+    assert (v1["model_format"], v2["model_format"]) == ("pickle", "code")
 
     table = format_audit(rows)
     assert f"v{v1['version']}" in table and "challenger" in table and "0.5200" in table

@@ -1,8 +1,10 @@
-"""covseg.registry against a real MLflow server whose artifacts live on a real moto S3 server.
+"""The registry (covseg.model_logging, .promotion, .lease, .retry, .serving) against real MLflow servers.
 
-The model here is a tiny conv net with a tiny PythonModel (the real segmenter wrapper lives elsewhere).
-One model is logged per module; promotion tests register further versions of that same logged model
-under their own registered-model names, so they stay independent and fast.
+Each test runs twice: MLflow on a sqlite store and MLflow on a real PostgreSQL server (as in the prod
+overlay), both with artifacts on a real moto S3 server. Most tests use a tiny conv net logged from
+``tiny_model_code.py``; one model is logged per store, and promotion tests register further versions of
+that logged model under their own registered-model names, so they stay independent and fast. The real
+segmenter goes through the register stage in the tests at the end.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -21,6 +24,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import BIN, mlflow_at
+from PIL import Image
+from tiny_model_code import TinyNet
 
 from covseg import lease, model_logging, promotion, registry, retry
 from covseg.lease import PromotionLeaseTimeout
@@ -34,32 +39,8 @@ LINEAGE = {
     "params_hash": "p-42",
     "pipeline_run_id": "local-test",
 }
-PIP = ["mlflow", "torch", "numpy"]  # explicit: skips requirement inference (seconds)
-
-
-class TinyNet(torch.nn.Module):
-    """1-channel conv: logits map the size of the input."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(1, 1, kernel_size=3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
-class TinySegmenter(mlflow.pyfunc.PythonModel):
-    """CT slices (N,1,H,W float32) in, binary masks (N,1,H,W float32) out."""
-
-    def load_context(self, context):
-        self.net = TinyNet()
-        self.net.load_state_dict(torch.load(context.artifacts["state_dict"], weights_only=True))
-        self.net.eval()
-
-    def predict(self, context, model_input, params=None):
-        with torch.no_grad():
-            prob = torch.sigmoid(self.net(torch.as_tensor(np.asarray(model_input, dtype=np.float32))))
-        return (prob > 0.5).float().numpy()
+PIP = ["mlflow", "torch", "numpy", "safetensors"]  # explicit: skips requirement inference (seconds)
+TINY_CODE = Path(__file__).with_name("tiny_model_code.py")
 
 
 def _eval_set() -> tuple[np.ndarray, np.ndarray]:
@@ -112,7 +93,7 @@ def logged(
         t0 = time.perf_counter()
         mv = model_logging.log_segmenter(
             net,
-            pyfunc_model=TinySegmenter(),
+            model_code=TINY_CODE,
             artifacts={"preprocessing": str(extra)},
             input_example=x[:1],
             tags={**LINEAGE, "note": "unit"},
@@ -158,13 +139,8 @@ def test_log_segmenter_registers_version_with_lineage_and_artifacts_on_s3(client
     keys = [o["Key"] for o in moto_server.s3_client().list_objects_v2(Bucket="mlflow-artifacts")["Contents"]]
     model_id = mv.model_id or mv.source.split("/")[-1]
     stored = {k.rsplit("/", 1)[-1] for k in keys if model_id in k}
-    assert {
-        "MLmodel",
-        "python_model.pkl",
-        "state_dict.pt",
-        "preprocessing.json",
-        "requirements.txt",
-    } <= stored
+    assert {"MLmodel", "tiny_model_code.py", "weights.safetensors", "preprocessing.json", "requirements.txt"} <= stored
+    assert not [k for k in stored if k.endswith((".pkl", ".pt"))], stored
     assert logged["seconds"] < 20, f"log_segmenter took {logged['seconds']:.1f} s"
 
 
@@ -179,7 +155,7 @@ def test_log_segmenter_upload_failure_registers_nothing(client, moto_server, mon
     ):
         model_logging.log_segmenter(
             TinyNet(),
-            pyfunc_model=TinySegmenter(),
+            model_code=TINY_CODE,
             artifacts={},
             input_example=x[:1],
             tags=LINEAGE,
@@ -192,7 +168,7 @@ def test_log_segmenter_upload_failure_registers_nothing(client, moto_server, mon
 def test_log_segmenter_refuses_missing_lineage_or_run(client):
     x, _ = _eval_set()
     kwargs = {
-        "pyfunc_model": TinySegmenter(),
+        "model_code": TINY_CODE,
         "artifacts": {},
         "input_example": x[:1],
         "pip_requirements": PIP,
@@ -202,6 +178,10 @@ def test_log_segmenter_refuses_missing_lineage_or_run(client):
     assert mlflow.active_run() is None
     with pytest.raises(RegistrationError, match="active MLflow run"):
         model_logging.log_segmenter(TinyNet(), tags=LINEAGE, **kwargs)
+    from tiny_model_code import TinySegmenter
+
+    with pytest.raises(ValueError, match="would be pickled"):  # an object, not a code file
+        model_logging.log_segmenter(TinyNet(), tags=LINEAGE, **{**kwargs, "model_code": TinySegmenter()})
 
 
 def test_load_champion_by_alias_and_predict(client, logged):
@@ -387,6 +367,133 @@ def test_promotion_lease_is_exclusive_and_expired_leases_are_broken(client):
             assert client.get_registered_model(lease_name).tags["lease_owner"] == new_owner != stale_owner
         # Releasing the stale lease later must not delete someone else's lease (here: none left).
     assert client.search_registered_models(f"name = '{lease_name}'") == []
+
+
+# ------------------------------------------------------------------------------------------------
+# the real segmenter: register stage, no pickle, MLflow's loader and server give the CLI's masks
+# ------------------------------------------------------------------------------------------------
+
+MEDSEG_STEM, MEDSEG_ROTATE = "medseg_000", -1  # medseg-100 slices reach the radiological view with rot90 k=-1
+
+
+@pytest.fixture(scope="module")
+def registered_segmenter(client: mlflow.MlflowClient, trained_tiny: Any) -> dict[str, Any]:
+    """The tiny chain's segmenter registered by the register stage (what `covseg register` runs)."""
+    from mlflow.tracking import fluent
+
+    from covseg import stages
+
+    name = _unique("covseg-stage")
+    params = {**trained_tiny.params, "register": {**trained_tiny.params["register"], "name": name}}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("COVSEG_TRACKING", raising=False)
+        mp.setenv("COVSEG_PIPELINE_RUN_ID", "registry-tests")
+        # the stage sets the process-wide active experiment; give it back afterwards
+        mp.setattr(fluent, "_active_experiment_id", getattr(fluent, "_active_experiment_id", None))
+        result = stages.register(trained_tiny.stage("ingest"), trained_tiny.stage("segment"), params)
+    return {"name": name, "uri": f"models:/{name}/{result['version']}", "result": result}
+
+
+@pytest.fixture(scope="module")
+def cli_mask(trained_tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, np.ndarray]:
+    """`covseg predict` with the trained segment folder on a real medseg-100 slice: (slice, mask), both in
+    the radiological view (what the served model takes and gives)."""
+    from helpers import MEDSEG, copy_file, invoke_cli, make_project
+
+    from covseg.io import read_slice
+
+    root = tmp_path_factory.mktemp("cli-predict")
+    jpeg = copy_file(MEDSEG / "images" / f"{MEDSEG_STEM}.jpg", root / f"{MEDSEG_STEM}.jpg")
+    out = root / "out"
+    done = invoke_cli(make_project(root / "project"), "predict", str(jpeg), "--model",
+                      str(trained_tiny.stage("segment")), "--out", str(out), "--rotate", str(MEDSEG_ROTATE))
+    assert done.exit_code == 0, done.stderr
+    view = np.ascontiguousarray(np.rot90(read_slice(jpeg), MEDSEG_ROTATE)).astype(np.float32)
+    mask = np.rot90(np.asarray(Image.open(out / "lesion_mask.png")) > 0, MEDSEG_ROTATE)
+    assert mask.shape == view.shape
+    return view, mask
+
+
+def test_registered_model_holds_no_pickle_and_loads_without_unpickling(
+        client, registered_segmenter, cli_mask, tmp_path, monkeypatch):
+    from helpers import is_pickle, unpickled_globals
+    from mlflow.models import Model
+
+    from covseg import serving
+
+    uri = registered_segmenter["uri"]
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path)))
+    files = [p for p in local.rglob("*") if p.is_file()]
+    assert {"MLmodel", "serving_code.py", "weights.safetensors", "segmenter.json"} <= {p.name for p in files}
+    assert [str(p.relative_to(local)) for p in files if is_pickle(p)] == []
+    pyfunc = Model.load(str(local)).flavors["python_function"]
+    assert serving.storage_format(pyfunc) == "code" and "python_model" not in pyfunc
+
+    view, mask = cli_mask
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")  # MLflow's own guard, on top
+    with unpickled_globals() as unpickled:
+        served = mlflow.pyfunc.load_model(uri).predict(view[None], params={"domain": "8bit"})
+        own = serving.load_registered_segmenter(uri).predict_slices([view], "8bit")[0].prob >= 0.5
+    assert unpickled == []
+    assert served.shape == (1, *view.shape) and served.dtype == np.uint8
+    np.testing.assert_array_equal(served[0].astype(bool), mask)
+    np.testing.assert_array_equal(own, mask)
+
+
+def test_mlflow_models_serve_gives_the_cli_mask(client, registered_segmenter, cli_mask, tmp_path):
+    import json
+    import os
+    import urllib.request
+
+    import servers
+
+    env = {**os.environ, **servers.SERVER_ENV, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # the server runs the venv's uvicorn
+    server, port = servers.start_on_free_port(
+        "mlflow models serve",
+        lambda port: [str(BIN / "mlflow"), "models", "serve", "-m", registered_segmenter["uri"],
+                      "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        tmp_path / "serve.log", env, probe=lambda port: servers.http_answers(f"http://127.0.0.1:{port}/ping", b""),
+        ready_timeout_s=180,  # downloads and loads the model first (over a minute on a busy 2-core machine)
+    )
+    view, mask = cli_mask
+    try:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", method="POST", headers={"Content-Type": "application/json"},
+            data=json.dumps({"inputs": view[None].tolist(), "params": {"domain": "8bit"}}).encode())
+        with urllib.request.urlopen(request, timeout=120) as response:
+            served = np.asarray(json.loads(response.read())["predictions"])
+    finally:
+        server.stop()
+    assert served.shape == (1, *view.shape)
+    np.testing.assert_array_equal(served[0].astype(bool), mask)
+
+
+def test_legacy_pickled_version_is_scored_from_its_weights_alone(client, experiment_id, trained_tiny, cli_mask):
+    """A version logged the old way (a CloudPickle of the PythonModel) still loads for scoring and audit,
+    from its weight files: the pickle is never loaded (MLflow's own loader, as a control, does load it)."""
+    from helpers import unpickled_globals
+    from mlflow.models import Model
+
+    from covseg import serving
+
+    segment = trained_tiny.stage("segment")
+    name = _unique("covseg-legacy")
+    with mlflow.start_run(experiment_id=experiment_id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=serving.CovsegModel(), signature=serving.signature(), pip_requirements=PIP,
+            artifacts={serving.SEGMENTER_PT: str(segment / "segmenter.pt"),
+                       serving.SEGMENTER_META: str(segment / "segmenter.json")})
+    uri = f"models:/{name}/{mlflow.register_model(info.model_uri, name, tags=LINEAGE).version}"
+    assert serving.storage_format(Model.load(uri).flavors["python_function"]) == "pickle"
+    view, mask = cli_mask
+    with unpickled_globals() as unpickled:
+        legacy = serving.load_registered_segmenter(uri)
+    assert not [g for g in unpickled if g.startswith(("covseg", "cloudpickle", "mlflow"))], unpickled
+    np.testing.assert_array_equal(legacy.predict_slices([view], "8bit")[0].prob >= 0.5, mask)
+    with unpickled_globals() as control:
+        mlflow.pyfunc.load_model(uri)
+    assert "covseg.serving.CovsegModel" in control
 
 
 # ------------------------------------------------------------------------------------------------

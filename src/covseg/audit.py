@@ -99,6 +99,21 @@ def _aliases(client: MlflowClient, name: str) -> dict[str, list[str]]:
     return out
 
 
+def _model_format(mv: ModelVersion) -> str | None:
+    """How the version's model is stored (its MLmodel): ``code`` (model from code), ``pickle`` (a CloudPickle
+    of the PythonModel, before models from code), ``other``; None when the MLmodel cannot be read."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import get_model_info
+
+    from covseg.serving import storage_format
+
+    try:
+        info = get_model_info(f"models:/{mv.name}/{mv.version}")
+    except (MlflowException, OSError):
+        return None
+    return storage_format(info.flavors.get("python_function", {}))
+
+
 def _row(client: MlflowClient, mv: ModelVersion, aliases: list[str]) -> dict[str, Any]:
     tags = dict(mv.tags or {})
     created = None
@@ -121,6 +136,7 @@ def _row(client: MlflowClient, mv: ModelVersion, aliases: list[str]) -> dict[str
         "promotion_reason": _tag(tags, "promotion_reason"),
         "champion_version_before": _tag(tags, "champion_version_before"),
         "displaced_by_version": _tag(tags, "displaced_by_version"),
+        "model_format": _model_format(mv),
         "run_metrics": _run_metrics(client, mv.run_id),
     }
 
@@ -135,8 +151,10 @@ def audit_versions(client: MlflowClient, name: str = REGISTERED_NAME) -> list[di
     Returns:
         One dict per version: ``name, version, aliases, status, created, run_id, git_commit, data_md5,
         params_hash, profile, pipeline_run_id, eval_dice, candidate_dice, champion_dice, promotion_decision,
-        promotion_reason, champion_version_before, displaced_by_version, run_metrics``. Missing tags are
-        None (``unknown`` / ``none`` tags too); ``run_metrics`` is ``{}`` when the source run is gone.
+        promotion_reason, champion_version_before, displaced_by_version, model_format, run_metrics``.
+        Missing tags are None (``unknown`` / ``none`` tags too); ``run_metrics`` is ``{}`` when the source
+        run is gone; ``model_format`` is ``code``, ``pickle`` (logged before models from code: covseg loads
+        it from its weight files, never from the pickle) or None when its MLmodel cannot be read.
     """
     versions = _all_versions(client, name)
     aliases = _aliases(client, name) if versions else {}
@@ -168,13 +186,13 @@ def format_audit(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no registered versions"
     header = ("version", "aliases", "decision", "dice", "champ_dice", "data_md5", "commit", "params_hash",
-              "profile", "created")
+              "profile", "format", "created")
     table = [header]
     for r in rows:
         table.append((
             f"v{r['version']}", _cell(r["aliases"]), _cell(r["promotion_decision"]), _cell(_dice(r)),
             _cell(r["champion_dice"]), _cell(r["data_md5"], 12), _cell(r["git_commit"], 8),
-            _cell(r["params_hash"]), _cell(r["profile"]), _cell(r["created"]),
+            _cell(r["params_hash"]), _cell(r["profile"]), _cell(r.get("model_format")), _cell(r["created"]),
         ))
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in table]

@@ -1,8 +1,9 @@
 """Log the segmenter as an MLflow pyfunc model and register it as a version of ``covseg``.
 
-:func:`log_segmenter` logs the model inside the active run, checks that every artifact really reached the
-artifact store, and only then registers a new version with its lineage tags. A version therefore never
-exists without its artifacts.
+:func:`log_segmenter` logs the model inside the active run as a *model from code* (a Python file that
+builds the PythonModel, plus the weights as a safetensors file), checks that every artifact really reached
+the artifact store, and only then registers a new version with its lineage tags. A version therefore never
+exists without its artifacts, and loading it never unpickles anything.
 """
 
 from __future__ import annotations
@@ -18,14 +19,13 @@ from covseg.registry import LINEAGE_KEYS, MODEL_ARTIFACT_NAME, REGISTERED_NAME
 from covseg.retry import with_retries
 
 if TYPE_CHECKING:
-    import mlflow.pyfunc
     import torch
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
 log = logging.getLogger(__name__)
 
-STATE_DICT_ARTIFACT = "state_dict"  # key in context.artifacts: path of the torch state_dict file
+WEIGHTS_ARTIFACT = "weights"  # key in context.artifacts: the module's state dict as a safetensors file
 
 
 class RegistrationError(RuntimeError):
@@ -39,7 +39,7 @@ def default_pip_requirements() -> list[str]:
     def pin(dist: str) -> str:
         return f"{dist}=={version(dist).split('+')[0]}"  # torch "2.13.0+cpu" -> "torch==2.13.0"
 
-    return [pin("mlflow"), pin("torch"), pin("numpy"), pin("cloudpickle")]
+    return [pin("mlflow"), pin("torch"), pin("numpy"), pin("safetensors")]
 
 
 def _check_uploaded(client: MlflowClient, model_id: str, expected: Mapping[str, int | None]) -> None:
@@ -68,7 +68,7 @@ def _check_uploaded(client: MlflowClient, model_id: str, expected: Mapping[str, 
 def log_segmenter(
     model: torch.nn.Module,
     *,
-    pyfunc_model: mlflow.pyfunc.PythonModel,
+    model_code: str | Path,
     artifacts: dict[str, str],
     input_example: Any,
     tags: dict[str, str],
@@ -78,18 +78,19 @@ def log_segmenter(
     retry_attempts: int = 4,
     signature: Any = None,
 ) -> ModelVersion:
-    """Log the segmenter as an MLflow pyfunc in the active run and register it as a new version.
+    """Log the segmenter as an MLflow pyfunc model from code in the active run; register a new version.
 
-    The model's ``state_dict`` is saved and passed as artifact ``state_dict`` (``context.artifacts
-    ["state_dict"]`` in the PythonModel's ``load_context``), next to the caller's ``artifacts``. The
-    signature is inferred by MLflow from ``input_example``. Registration happens only after every artifact
-    is verified in the artifact store, so a failed upload never leaves a version without artifacts.
+    The model's ``state_dict`` is saved with safetensors and passed as artifact ``weights``
+    (``context.artifacts["weights"]`` in the PythonModel's ``load_context``), next to the caller's
+    ``artifacts``. ``model_code`` is the Python file that builds the PythonModel (``mlflow.models.set_model``):
+    MLflow stores the file, not a pickle of the object. Registration happens only after every artifact is
+    verified in the artifact store, so a failed upload never leaves a version without artifacts.
 
     Args:
         model: the trained torch module (its ``state_dict`` is stored).
-        pyfunc_model: PythonModel wrapping the predict path.
-        artifacts: extra files for the PythonModel, ``{key: local path}`` (key ``state_dict`` is reserved).
-        input_example: a representative model input (e.g. float32 array), used for the signature.
+        model_code: the models-from-code file (e.g. :data:`covseg.serving.MODEL_CODE`).
+        artifacts: extra files for the PythonModel, ``{key: local path}`` (key ``weights`` is reserved).
+        input_example: a representative model input (e.g. float32 array), stored with the model.
         signature: an explicit ModelSignature (e.g. variable image sizes); default: inferred.
         tags: lineage tags for the version; must include ``git_commit``, ``data_md5``, ``params_hash`` and
             ``pipeline_run_id``; any other keys are added as given.
@@ -103,16 +104,19 @@ def log_segmenter(
 
     Raises:
         RegistrationError: no active run, logging/upload failed, or artifacts missing after upload.
-        ValueError: lineage tags missing or artifact key clash.
+        ValueError: lineage tags missing, artifact key clash, or ``model_code`` is not a Python file.
     """
     import mlflow
-    import torch
+    from safetensors.torch import save_model
 
     missing = [k for k in LINEAGE_KEYS if not str(tags.get(k, "")).strip()]
     if missing:
         raise ValueError(f"lineage tags missing or empty: {missing}")
-    if STATE_DICT_ARTIFACT in artifacts:
-        raise ValueError(f"artifact key {STATE_DICT_ARTIFACT!r} is reserved by covseg.model_logging")
+    if WEIGHTS_ARTIFACT in artifacts:
+        raise ValueError(f"artifact key {WEIGHTS_ARTIFACT!r} is reserved by covseg.model_logging")
+    if not isinstance(model_code, str | Path) or Path(model_code).suffix != ".py" or not Path(model_code).is_file():
+        raise ValueError(f"model_code must be the path of a Python file that calls mlflow.models.set_model "
+                         f"(an object would be pickled), got {model_code!r}")
     run = mlflow.active_run()
     if run is None:
         raise RegistrationError("log_segmenter needs an active MLflow run (mlflow.start_run())")
@@ -121,13 +125,13 @@ def log_segmenter(
 
     with tempfile.TemporaryDirectory(prefix="covseg-model-") as tmp:
         all_artifacts = dict(artifacts)
-        all_artifacts[STATE_DICT_ARTIFACT] = str(Path(tmp, "state_dict.pt"))
-        torch.save(model.state_dict(), all_artifacts[STATE_DICT_ARTIFACT])
+        all_artifacts[WEIGHTS_ARTIFACT] = str(Path(tmp, "weights.safetensors"))
+        save_model(model, all_artifacts[WEIGHTS_ARTIFACT])
 
         def _log() -> Any:
             return mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT_NAME,
-                python_model=pyfunc_model,
+                python_model=str(model_code),
                 artifacts=all_artifacts,
                 input_example=input_example,
                 signature=signature,
@@ -143,11 +147,12 @@ def log_segmenter(
                 "nothing was registered"
             ) from exc
 
-        # Files the store must hold: MLmodel, the PythonModel (pickle or code file), each artifact (same size).
+        # Files the store must hold: MLmodel, the code file, each artifact (with its local size).
         pyfunc_conf = info.flavors.get("python_function", {})
-        expected: dict[str, int | None] = {"MLmodel": None}
-        if pyfunc_conf.get("python_model"):
-            expected[pyfunc_conf["python_model"]] = None
+        code_file = pyfunc_conf.get("model_code_path")
+        if not code_file or pyfunc_conf.get("python_model"):
+            raise RegistrationError(f"{info.model_uri} was not logged as a model from code; not registered")
+        expected: dict[str, int | None] = {"MLmodel": None, Path(code_file).name: None}
         saved = pyfunc_conf.get("artifacts", {})
         for key, local in all_artifacts.items():
             rel = saved.get(key, {}).get("path")

@@ -152,7 +152,7 @@ def register(ingest_dir: str | Path, segment_dir: str | Path, params: dict[str, 
     from covseg.evaluate import evaluate_ingested
     from covseg.predict import LesionSegmenter
     from covseg.segment import MODEL
-    from covseg.serving import SEGMENTER_META, SEGMENTER_PT, CovsegModel, signature
+    from covseg.serving import MODEL_CODE, SEGMENTER_META, load_registered_segmenter, signature
 
     cfg = params["register"]
     if not tracking.enabled():
@@ -166,15 +166,14 @@ def register(ingest_dir: str | Path, segment_dir: str | Path, params: dict[str, 
         example[0, 16:48, 8:28] = example[0, 16:48, 36:56] = 30.0  # two dark "lungs" in a bright body
         example[example == 0] = 200.0
         version = model_logging.log_segmenter(
-            segmenter.model, pyfunc_model=CovsegModel(),
-            artifacts={SEGMENTER_PT: str(weights), SEGMENTER_META: str(weights.with_suffix(".json"))},
+            segmenter.model, model_code=MODEL_CODE, artifacts={SEGMENTER_META: str(weights.with_suffix(".json"))},
             input_example=example, signature=signature(), registered_name=cfg["name"],
             tags={**tracking.lineage(params), "eval_dice": f"{candidate['dice']:.4f}"},
             pip_requirements=[*model_logging.default_pip_requirements(), f"monai=={_version('monai')}",
                               f"SimpleITK=={_version('SimpleITK')}"],
             code_paths=[str(Path(__file__).parent)])
         champion_score = lambda uri: evaluate_ingested(  # noqa: E731
-            LesionSegmenter.load(uri), ingest_dir, params.get("max_eval_slices", 0))["dice"]
+            load_registered_segmenter(uri), ingest_dir, params.get("max_eval_slices", 0))["dice"]
         decision = promotion.promote(
             mlflow.MlflowClient(), cfg["name"], version.version, candidate["dice"],
             score_fn_for_champion=champion_score, margin=cfg["margin"], floors=cfg["floors"],
