@@ -33,6 +33,7 @@ MEDSEG = DATASETS / "medseg-100"
 SLICES = DATASETS / "covid19-ct-seg-slices" / "images"
 PIP = ["mlflow"]  # explicit: skips requirement inference
 ECHO_CODE = Path(__file__).with_name("echo_model_code.py")
+SLICE_OFFSETS = (-0.1, 0.05, 0.0, 0.05)  # per-slice Dice around each version's mean (the registry's view)
 
 
 class Trivial(mlflow.pyfunc.PythonModel):
@@ -120,7 +121,7 @@ def registered(client: mlflow.MlflowClient, data_repo: dict[str, Any]) -> dict[s
     name = _unique("covseg-audit")
     experiment_id = client.create_experiment(_unique("covseg-audit-tests"))
     client.create_registered_model(name)
-    versions = []
+    versions, per_slice = [], {}
     for (commit, md5), dice, params, python_model in (
         (data_repo["A"], 0.41, {"profile": "tiny", "seed": 0}, Trivial()),
         (data_repo["B"], 0.52, {"profile": "quick", "seed": 0}, str(ECHO_CODE)),
@@ -131,8 +132,9 @@ def registered(client: mlflow.MlflowClient, data_repo: dict[str, Any]) -> dict[s
             uri, model_id = info.model_uri, info.model_id
             tags = {**_lineage(commit, md5, params, run.info.run_id[:12]), "eval_dice": f"{dice:.4f}"}
             mv = client.create_model_version(name, uri, run_id=run.info.run_id, tags=tags, model_id=model_id)
-        promotion.promote(client, name, mv.version, dice, score_fn_for_champion=None, margin=0.01, floors={},
-                         candidate_metrics={})
+        per_slice[str(mv.version)] = tuple(dice + d for d in SLICE_OFFSETS)
+        promotion.promote(client, name, promotion.Candidate(str(mv.version), dice, per_slice[str(mv.version)]),
+                          score_champion=lambda uri: per_slice[uri.rsplit("/", 1)[-1]], margin=0.01, floors={})
         versions.append(str(mv.version))
     return {"name": name, "versions": versions, "uri": uri, "model_id": model_id}
 
@@ -154,9 +156,14 @@ def test_audit_versions_lists_data_version_params_metrics_and_aliases(client, da
     assert v1["run_metrics"]["eval.dice"] == pytest.approx(0.41)
     assert v2["run_metrics"]["eval.iou"] == pytest.approx(0.52 * 0.8)
     assert (v1["model_format"], v2["model_format"]) == ("pickle", "code")
+    assert v1["dice_difference"] is None  # the first champion had nothing to be compared with
+    assert v2["dice_difference"] == pytest.approx(0.11) and v2["paired_slices"] == len(SLICE_OFFSETS)
+    assert v2["dice_difference_low"] == pytest.approx(0.11) == v2["dice_difference_high"]  # same gain on each
+    assert (v2["promotion_margin"], v2["dice_difference_confidence"]) == (0.01, 0.95)
 
     table = format_audit(rows)
     assert f"v{v1['version']}" in table and "challenger" in table and "0.5200" in table
+    assert "+0.1100 [+0.1100, +0.1100]" in table and "pickle" in table and "code" in table
     assert "2 versions on 2 data versions" in table
     assert data_repo["A"][1] in table and data_repo["B"][1] in table
     assert audit_versions(client, _unique("no-such-model")) == []

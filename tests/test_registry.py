@@ -30,7 +30,7 @@ from tiny_model_code import TinyNet
 from covseg import lease, model_logging, promotion, registry, retry
 from covseg.lease import PromotionLeaseTimeout
 from covseg.model_logging import RegistrationError
-from covseg.promotion import Candidate, Champion, decide
+from covseg.promotion import Candidate, Champion, decide, paired_evidence
 from covseg.registry import CHALLENGER, CHAMPION
 
 LINEAGE = {
@@ -55,10 +55,15 @@ def _dice(pred: np.ndarray, target: np.ndarray) -> float:
     return 2 * inter / (float(pred.sum() + target.sum()) + 1e-8)
 
 
-def score_on_eval_set(model_uri: str) -> float:
-    """What the pipeline's score function does: load the model by URI, Dice on the evaluation set."""
+def scores_on_eval_set(model_uri: str) -> tuple[float, ...]:
+    """What the pipeline's score function does: load the model by URI, Dice of each evaluation slice."""
     x, y = _eval_set()
-    return _dice(mlflow.pyfunc.load_model(model_uri).predict(x), y)
+    pred = mlflow.pyfunc.load_model(model_uri).predict(x)
+    return tuple(_dice(p, t) for p, t in zip(pred, y, strict=True))
+
+
+def _candidate(version: str, per_slice: tuple[float, ...], **metrics: float) -> Candidate:
+    return Candidate(version, float(np.mean(per_slice)), tuple(per_slice), metrics)
 
 
 def _unique(prefix: str) -> str:
@@ -107,7 +112,7 @@ def logged(
         "net": net,
         "run_id": run.info.run_id,
         "seconds": seconds,
-        "dice": score_on_eval_set(f"models:/{name}/{mv.version}"),
+        "scores": scores_on_eval_set(f"models:/{name}/{mv.version}"),
     }
 
 
@@ -187,16 +192,8 @@ def test_log_segmenter_refuses_missing_lineage_or_run(client):
 def test_load_champion_by_alias_and_predict(client, logged):
     name = _unique("covseg-load")
     v = _new_version(client, name, logged)
-    out = promotion.promote(
-        client,
-        name,
-        v,
-        logged["dice"],
-        score_fn_for_champion=score_on_eval_set,
-        margin=0.0,
-        floors={},
-        candidate_metrics={},
-    )
+    out = promotion.promote(client, name, _candidate(v, logged["scores"]), score_champion=scores_on_eval_set,
+                            margin=0.0, floors={})
     assert out["decision"] == CHAMPION
     x, _ = _eval_set()
     pred = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}").predict(x)
@@ -207,7 +204,7 @@ def test_load_champion_by_alias_and_predict(client, logged):
 
 
 # ------------------------------------------------------------------------------------------------
-# promote: the three cases
+# promote: aliases and tags (the registry bookkeeping; the evidence itself is tested further down)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -215,92 +212,69 @@ def test_promote_no_champion_yet(client, logged):
     name = _unique("covseg-first")
     v1, v2 = _new_version(client, name, logged), _new_version(client, name, logged)
     # Fails a floor: even with no champion it only becomes challenger.
-    out = promotion.promote(
-        client,
-        name,
-        v1,
-        0.9,
-        score_fn_for_champion=None,
-        margin=0.01,
-        floors={"dice": 0.3, "sensitivity": 0.5},
-        candidate_metrics={"sensitivity": 0.1},
-    )
+    out = promotion.promote(client, name, _candidate(v1, logged["scores"], sensitivity=0.1),
+                            score_champion=None, margin=0.01, floors={"dice": 0.0, "sensitivity": 0.5})
     assert out["decision"] == CHALLENGER and out["floor_failures"] == ["sensitivity=0.1000<0.5000"]
     assert _aliases(client, name) == {CHALLENGER: v1}
     # Passes the floors: takes champion.
-    out = promotion.promote(
-        client,
-        name,
-        v2,
-        0.7,
-        score_fn_for_champion=score_on_eval_set,
-        margin=0.01,
-        floors={"dice": 0.3},
-        candidate_metrics={"sensitivity": 0.8},
-    )
-    assert out["decision"] == CHAMPION and out["champion_version_before"] is None
+    out = promotion.promote(client, name, _candidate(v2, logged["scores"], sensitivity=0.8),
+                            score_champion=scores_on_eval_set, margin=0.01, floors={"dice": 0.0})
+    assert out["decision"] == CHAMPION and out["champion_version_before"] is None and out["evidence"] is None
     assert _aliases(client, name) == {CHAMPION: v2, CHALLENGER: v1}
     tags = _tags(client, name, v2)
-    assert tags[registry.TAG_DECISION] == CHAMPION and float(tags[registry.TAG_CANDIDATE_DICE]) == 0.7
-    assert tags[registry.TAG_CHAMPION_DICE] == "none" and tags[registry.TAG_CHAMPION_BEFORE] == "none"
+    assert tags[registry.TAG_DECISION] == CHAMPION
+    assert float(tags[registry.TAG_CANDIDATE_DICE]) == pytest.approx(np.mean(logged["scores"]))
+    assert tags[registry.TAG_CHAMPION_DICE] == tags[registry.TAG_CHAMPION_BEFORE] == "none"
+    assert tags[registry.TAG_DIFFERENCE] == tags[registry.TAG_DIFFERENCE_LOW] == "none"
     assert client.search_registered_models(f"name = '{name}{lease.LEASE_SUFFIX}'") == []
 
 
 def test_promote_challenger_wins(client, logged):
     name = _unique("covseg-wins")
     v1, v2 = _new_version(client, name, logged), _new_version(client, name, logged)
-    promotion.promote(
-        client,
-        name,
-        v1,
-        logged["dice"],
-        score_fn_for_champion=None,
-        margin=0.0,
-        floors={},
-        candidate_metrics={},
-    )
-    # The champion is re-evaluated through the score function (model loaded from S3 by version URI).
+    promotion.promote(client, name, _candidate(v1, logged["scores"]), score_champion=None, margin=0.0, floors={})
+    # The champion is re-scored slice by slice through the score function (model loaded from S3 by version).
     seen: list[str] = []
 
-    def score_fn(uri: str) -> float:
+    def score_fn(uri: str) -> tuple[float, ...]:
         seen.append(uri)
-        return score_on_eval_set(uri)
+        return scores_on_eval_set(uri)
 
-    out = promotion.promote(
-        client,
-        name,
-        v2,
-        logged["dice"] + 0.05,
-        score_fn_for_champion=score_fn,
-        margin=0.02,
-        floors={"dice": 0.1},
-        candidate_metrics={},
-    )
+    better = tuple(min(1.0, x + 0.2) for x in logged["scores"])
+    out = promotion.promote(client, name, _candidate(v2, better), score_champion=score_fn, margin=0.02,
+                            floors={"dice": 0.0})
     assert seen == [f"models:/{name}/{v1}"]
     assert out["decision"] == CHAMPION and out["displaced_version"] == v1
-    assert math.isclose(out["champion_dice"], logged["dice"])
+    assert math.isclose(out["champion_dice"], np.mean(logged["scores"]))
+    assert out["evidence"]["low"] > 0.02 and out["evidence"]["n_slices"] == len(better)
     assert _aliases(client, name) == {CHAMPION: v2, CHALLENGER: v1}
     t2, t1 = _tags(client, name, v2), _tags(client, name, v1)
     assert t2[registry.TAG_DECISION] == CHAMPION and t2[registry.TAG_CHAMPION_BEFORE] == v1
-    assert math.isclose(float(t2[registry.TAG_CHAMPION_DICE]), logged["dice"])
+    assert float(t2[registry.TAG_DIFFERENCE]) == pytest.approx(np.mean(better) - np.mean(logged["scores"]))
+    assert float(t2[registry.TAG_DIFFERENCE_LOW]) == pytest.approx(out["evidence"]["low"])
+    assert float(t2[registry.TAG_MARGIN]) == 0.02 and t2[registry.TAG_PAIRED_SLICES] == str(len(better))
     assert t1[registry.TAG_DISPLACED_BY] == v2
 
 
-def test_promote_champion_holds(client, logged):
+def test_promote_champion_holds_against_a_gain_below_the_margin(client, logged):
     name = _unique("covseg-holds")
     v1, v2 = _new_version(client, name, logged), _new_version(client, name, logged)
-    promotion.promote(
-        client, name, v1, 0.80, score_fn_for_champion=None, margin=0.0, floors={}, candidate_metrics={}
-    )
-    out = promotion.promote(
-        client, name, v2, 0.81, score_fn_for_champion=None, margin=0.02, floors={}, candidate_metrics={}
-    )  # better, but not by the margin
-    assert out["decision"] == CHALLENGER and out["champion_dice"] == 0.80
+    promotion.promote(client, name, _candidate(v1, logged["scores"]), score_champion=None, margin=0.0, floors={})
+    slightly = tuple(x + 0.01 for x in logged["scores"])  # better on every slice, but by less than the margin
+    out = promotion.promote(client, name, _candidate(v2, slightly), score_champion=scores_on_eval_set,
+                            margin=0.02, floors={})
+    assert out["decision"] == CHALLENGER and "does not clear margin 0.0200" in out["reason"]
+    assert out["evidence"]["low"] == pytest.approx(0.01) == out["evidence"]["high"]
     assert _aliases(client, name) == {CHAMPION: v1, CHALLENGER: v2}
     t2 = _tags(client, name, v2)
     assert t2[registry.TAG_DECISION] == CHALLENGER and t2[registry.TAG_CHAMPION_BEFORE] == v1
-    assert float(t2[registry.TAG_CHAMPION_DICE]) == 0.80 and float(t2[registry.TAG_CANDIDATE_DICE]) == 0.81
+    assert float(t2[registry.TAG_DIFFERENCE]) == pytest.approx(0.01)
     assert registry.TAG_DISPLACED_BY not in _tags(client, name, v1)
+    # Without a score function the champion cannot be compared slice by slice: it holds.
+    v3 = _new_version(client, name, logged)
+    out = promotion.promote(client, name, _candidate(v3, tuple(x + 0.5 for x in logged["scores"])),
+                            score_champion=None, margin=0.0, floors={})
+    assert out["decision"] == CHALLENGER and "not scored on these slices" in out["reason"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,7 +286,8 @@ def test_promote_champion_holds(client, logged):
 def test_concurrent_promotions_end_with_one_champion_the_better(client, logged, head_start):
     name = _unique("covseg-race")
     v_worse, v_better = _new_version(client, name, logged), _new_version(client, name, logged)
-    scores = {v_worse: 0.60, v_better: 0.80}
+    base = np.linspace(0.4, 0.8, 12)
+    scores = {v_worse: tuple(base), v_better: tuple(base + 0.15)}
     barrier = threading.Barrier(2)
     results: dict[str, Any] = {}
 
@@ -323,15 +298,9 @@ def test_concurrent_promotions_end_with_one_champion_the_better(client, logged, 
         try:
             # Slow champion evaluation widens the window between reading the alias and setting it.
             results[version] = promotion.promote(
-                client,
-                name,
-                version,
-                scores[version],
-                score_fn_for_champion=lambda uri: (time.sleep(0.3), scores[uri.rsplit("/", 1)[-1]])[1],
-                margin=0.01,
-                floors={"dice": 0.5},
-                candidate_metrics={},
-            )
+                client, name, _candidate(version, scores[version]),
+                score_champion=lambda uri: (time.sleep(0.3), scores[uri.rsplit("/", 1)[-1]])[1],
+                margin=0.01, floors={"dice": 0.5})
         except BaseException as exc:  # surfaced by the assertion below
             results[version] = exc
 
@@ -376,22 +345,92 @@ def test_promotion_lease_is_exclusive_and_expired_leases_are_broken(client):
 MEDSEG_STEM, MEDSEG_ROTATE = "medseg_000", -1  # medseg-100 slices reach the radiological view with rot90 k=-1
 
 
+N_EVAL_SLICES = 12
+
+
 @pytest.fixture(scope="module")
-def registered_segmenter(client: mlflow.MlflowClient, trained_tiny: Any) -> dict[str, Any]:
-    """The tiny chain's segmenter registered by the register stage (what `covseg register` runs)."""
+def eval_ingest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real medseg-100 slices with their radiologist masks (each holds a lesion), ingested: the evaluation
+    slices of the register stage in these tests."""
+    from helpers import MEDSEG, build_medseg, default_sources, require_shared, tiny_params
+
+    from covseg import stages
+
+    require_shared()
+    root = tmp_path_factory.mktemp("eval-ingest")
+    build_medseg(root / "data", sorted(p.stem for p in (MEDSEG / "masks").glob("*.png"))[:N_EVAL_SLICES])
+    stages.ingest(root / "data", root / "ingest", tiny_params(sources={"medseg-100": default_sources()["medseg-100"]}))
+    return root / "ingest"
+
+
+@pytest.fixture(scope="module")
+def blind_segment(trained_tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained tiny segmenter with its output bias at -1000: a broken model that finds no lesion."""
+    from covseg.segment import MODEL, load_segmenter
+    from covseg.training import save_model
+
+    model, meta = load_segmenter(trained_tiny.stage("segment"))
+    with torch.no_grad():
+        model.final_conv.bias.fill_(-1000.0)
+    out = tmp_path_factory.mktemp("blind-segment")
+    save_model(model, out / MODEL, meta)
+    return out
+
+
+def _register_stage(segment_dir: Path, ingest_dir: Path, params: dict[str, Any], name: str) -> dict[str, Any]:
+    """`covseg register` (the stage function) for one segment folder, into registered model `name`."""
     from mlflow.tracking import fluent
 
     from covseg import stages
 
-    name = _unique("covseg-stage")
-    params = {**trained_tiny.params, "register": {**trained_tiny.params["register"], "name": name}}
+    params = {**params, "max_eval_slices": 0, "register": {**params["register"], "name": name}}
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("COVSEG_TRACKING", raising=False)
         mp.setenv("COVSEG_PIPELINE_RUN_ID", "registry-tests")
         # the stage sets the process-wide active experiment; give it back afterwards
         mp.setattr(fluent, "_active_experiment_id", getattr(fluent, "_active_experiment_id", None))
-        result = stages.register(trained_tiny.stage("ingest"), trained_tiny.stage("segment"), params)
-    return {"name": name, "uri": f"models:/{name}/{result['version']}", "result": result}
+        return stages.register(ingest_dir, segment_dir, params)
+
+
+@pytest.fixture(scope="module")
+def promotion_sequence(client: mlflow.MlflowClient, trained_tiny: Any, eval_ingest: Path,
+                       blind_segment: Path) -> dict[str, Any]:
+    """Four versions through the register stage, in this order: the blind model (the first: champion), the
+    trained one (clearly better), the blind one again (clearly worse), the trained one again (the same)."""
+    name = _unique("covseg-stage")
+    trained = trained_tiny.stage("segment")
+    steps = {step: _register_stage(segment, eval_ingest, trained_tiny.params, name)
+             for step, segment in (("first", blind_segment), ("better", trained), ("worse", blind_segment),
+                                   ("same", trained))}
+    return {"name": name, "steps": steps, "aliases": _aliases(client, name)}
+
+
+@pytest.fixture(scope="module")
+def registered_segmenter(promotion_sequence: dict[str, Any]) -> dict[str, Any]:
+    """The tiny chain's trained segmenter as registered by the register stage."""
+    name, version = promotion_sequence["name"], promotion_sequence["steps"]["better"]["version"]
+    return {"name": name, "uri": f"models:/{name}/{version}"}
+
+
+def test_register_stage_promotes_by_paired_evidence(client, promotion_sequence, trained_tiny):
+    """Clearly better takes champion, clearly worse and the same model again do not (margin from params.yaml)."""
+    name, steps = promotion_sequence["name"], promotion_sequence["steps"]
+    margin = trained_tiny.params["register"]["margin"]
+    first, better, worse, same = (steps[k]["decision"] for k in ("first", "better", "worse", "same"))
+    assert first["decision"] == CHAMPION and first["evidence"] is None
+    assert steps["first"]["candidate"]["dice"] == 0.0  # the blind model finds nothing
+    assert better["decision"] == CHAMPION and better["displaced_version"] == first["version"]
+    assert better["evidence"]["low"] > margin and better["evidence"]["n_slices"] == N_EVAL_SLICES
+    assert better["evidence"]["difference"] == pytest.approx(steps["better"]["candidate"]["dice"])
+    assert worse["decision"] == CHALLENGER and worse["evidence"]["high"] < 0
+    assert worse["evidence"]["difference"] == pytest.approx(-better["evidence"]["difference"])
+    assert same["decision"] == CHALLENGER
+    assert (same["evidence"]["difference"], same["evidence"]["low"], same["evidence"]["high"]) == (0.0, 0.0, 0.0)
+    assert promotion_sequence["aliases"] == {CHAMPION: better["version"], CHALLENGER: same["version"]}
+    tags = _tags(client, name, better["version"])
+    assert float(tags[registry.TAG_DIFFERENCE_LOW]) == pytest.approx(better["evidence"]["low"])
+    assert float(tags[registry.TAG_MARGIN]) == margin and tags[registry.TAG_PAIRED_SLICES] == str(N_EVAL_SLICES)
+    assert "lower bound clears margin" in tags[registry.TAG_REASON]
 
 
 @pytest.fixture(scope="module")
@@ -549,19 +588,28 @@ def test_postgres_store_holds_the_registry_and_db_upgrade_migrates(mlflow_server
 # ------------------------------------------------------------------------------------------------
 
 
+SLICES = (0.6, 0.7, 0.5, 0.8, 0.4, 0.9)
+
+
+def _shifted(by: float) -> tuple[float, ...]:
+    return tuple(x + by for x in SLICES)
+
+
 @pytest.mark.parametrize(
     ("cand", "champ", "margin", "floors", "alias", "reason_part"),
     [
         (Candidate("1", 0.5), None, 0.01, {"dice": 0.3}, CHAMPION, "no champion yet"),
         (Candidate("1", 0.2), None, 0.01, {"dice": 0.3}, CHALLENGER, "dice=0.2000<0.3000"),
-        (Candidate("2", 0.8), Champion("1", 0.7), 0.05, {}, CHAMPION, "> champion v1"),
-        (Candidate("2", 0.74), Champion("1", 0.7), 0.05, {}, CHALLENGER, "<= champion v1"),
-        (Candidate("2", 0.75), Champion("1", 0.7), 0.05, {}, CHALLENGER, "<= champion v1"),  # tie at margin
-        (Candidate("2", 0.9, {"ppv": 0.1}), Champion("1", 0.5), 0.0, {"ppv": 0.2}, CHALLENGER, "ppv="),
-        (Candidate("2", 0.9), Champion("1", 0.5), 0.0, {"ppv": 0.2}, CHALLENGER, "ppv missing"),
+        (_candidate("2", _shifted(0.1)), Champion("1", 0.65, SLICES), 0.05, {}, CHAMPION, "clears margin"),
+        (_candidate("2", _shifted(0.04)), Champion("1", 0.65, SLICES), 0.05, {}, CHALLENGER, "does not clear"),
+        (_candidate("2", _shifted(0.05)), Champion("1", 0.65, SLICES), 0.05, {}, CHALLENGER, "does not clear"),
+        (_candidate("2", SLICES), Champion("1", 0.65, SLICES), 0.0, {}, CHALLENGER, "does not clear"),  # same
+        (_candidate("2", _shifted(-0.1)), Champion("1", 0.65, SLICES), 0.0, {}, CHALLENGER, "does not clear"),
+        (_candidate("2", SLICES, ppv=0.1), Champion("1", 0.5, SLICES), 0.0, {"ppv": 0.2}, CHALLENGER, "ppv="),
+        (_candidate("2", SLICES), Champion("1", 0.5, SLICES), 0.0, {"ppv": 0.2}, CHALLENGER, "ppv missing"),
         (Candidate("2", float("nan")), None, 0.0, {}, CHALLENGER, "not a finite"),
-        (Candidate("2", 0.9), Champion("1", None), 0.0, {}, CHALLENGER, "no usable score"),
-        (Candidate("1", 0.1), Champion("1", 0.1), 0.5, {}, CHAMPION, "already holds"),
+        (_candidate("2", _shifted(0.3)), Champion("1", 0.6), 0.0, {}, CHALLENGER, "not scored on these slices"),
+        (Candidate("1", 0.1), Champion("1", 0.1, SLICES), 0.5, {}, CHAMPION, "already holds"),
     ],
 )
 def test_decide(cand, champ, margin, floors, alias, reason_part):
@@ -571,9 +619,27 @@ def test_decide(cand, champ, margin, floors, alias, reason_part):
     assert d.as_tags()[registry.TAG_DECISION] == alias
 
 
-def test_decide_rejects_negative_margin():
-    with pytest.raises(ValueError):
+def test_decide_rejects_negative_margin_and_unpaired_scores():
+    with pytest.raises(ValueError, match="margin"):
         decide(Candidate("1", 0.5), None, -0.1, {})
+    with pytest.raises(ValueError, match="same slices"):
+        decide(_candidate("2", SLICES), Champion("1", 0.5, SLICES[:-1]), 0.0, {})
+
+
+def test_paired_evidence_is_an_interval_around_the_mean_difference():
+    same = paired_evidence(SLICES, SLICES)
+    assert (same.difference, same.low, same.high, same.n_slices) == (0.0, 0.0, 0.0, len(SLICES))
+    rng = np.random.default_rng(3)
+    champion = rng.uniform(0.2, 0.8, 50)
+    candidate = champion + 0.03 + rng.normal(0, 0.05, 50)
+    ev = paired_evidence(candidate, champion, confidence=0.95)
+    assert ev.low < ev.difference < ev.high and ev.difference == pytest.approx(np.mean(candidate - champion))
+    assert ev == paired_evidence(candidate, champion, confidence=0.95)  # deterministic
+    wider = paired_evidence(candidate, champion, confidence=0.99)
+    assert wider.low < ev.low and wider.high > ev.high
+    # the interval shrinks like 1/sqrt(n): 4x the slices, about half the width
+    many = paired_evidence(np.tile(candidate, 4), np.tile(champion, 4))
+    assert (many.high - many.low) == pytest.approx((ev.high - ev.low) / 2, rel=0.25)
 
 
 def test_with_retries_backs_off_on_connection_errors_only():

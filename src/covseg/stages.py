@@ -142,8 +142,9 @@ def register(ingest_dir: str | Path, segment_dir: str | Path, params: dict[str, 
     """Log the segmenter as the MLflow pyfunc model `covseg`, register a version, promote or not.
 
     Candidate and current champion are scored by the same function on the same evaluation slices; the
-    candidate takes `champion` only when its Dice beats the champion's by `register.margin` and it passes
-    the absolute floors, else `challenger`. The decision and both scores are tags on the version.
+    candidate takes `champion` only when it passes the absolute floors and the lower `register.confidence`
+    bound of its paired per-slice Dice difference to the champion clears `register.margin`, else
+    `challenger`. The decision, both scores, the difference and its interval are tags on the version.
     """
     import mlflow
     import numpy as np
@@ -172,11 +173,13 @@ def register(ingest_dir: str | Path, segment_dir: str | Path, params: dict[str, 
             pip_requirements=[*model_logging.default_pip_requirements(), f"monai=={_version('monai')}",
                               f"SimpleITK=={_version('SimpleITK')}"],
             code_paths=[str(Path(__file__).parent)])
-        champion_score = lambda uri: evaluate_ingested(  # noqa: E731
-            load_registered_segmenter(uri), ingest_dir, params.get("max_eval_slices", 0))["dice"]
+        champion_scores = lambda uri: evaluate_ingested(  # noqa: E731
+            load_registered_segmenter(uri), ingest_dir, params.get("max_eval_slices", 0))["per_slice_dice"]
         decision = promotion.promote(
-            mlflow.MlflowClient(), cfg["name"], version.version, candidate["dice"],
-            score_fn_for_champion=champion_score, margin=cfg["margin"], floors=cfg["floors"],
-            candidate_metrics={k: candidate[k] for k in ("dice", "iou", "ppv", "sensitivity", "specificity")})
+            mlflow.MlflowClient(), cfg["name"],
+            promotion.Candidate(version.version, candidate["dice"], tuple(candidate["per_slice_dice"]),
+                                {k: candidate[k] for k in ("dice", "iou", "ppv", "sensitivity", "specificity")}),
+            score_champion=champion_scores, margin=cfg["margin"], confidence=cfg["confidence"],
+            floors=cfg["floors"])
         mlflow.set_tags({"promotion_decision": decision["decision"], "model_version": version.version})
     return {"version": version.version, "candidate": candidate, "decision": decision}
