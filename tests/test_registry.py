@@ -535,6 +535,18 @@ def test_legacy_pickled_version_is_scored_from_its_weights_alone(client, experim
     assert "covseg.serving.CovsegModel" in control
 
 
+def test_a_model_that_is_not_a_segmenter_is_refused_in_one_line(client, experiment_id):
+    from covseg import serving
+    from covseg.io import InputError
+
+    with mlflow.start_run(experiment_id=experiment_id):
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("echo_model_code.py")),
+                                       pip_requirements=PIP)
+    with pytest.raises(InputError, match="not a covseg segmenter model") as refused:
+        serving.load_registered_segmenter(info.model_uri)
+    assert str(refused.value).startswith(info.model_uri) and "\n" not in str(refused.value)
+
+
 # ------------------------------------------------------------------------------------------------
 # the PostgreSQL store
 # ------------------------------------------------------------------------------------------------
