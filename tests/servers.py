@@ -302,10 +302,10 @@ def postgres(workdir: Path) -> Iterator[PostgresServer]:
     """
     bindir = postgres_bindir()
     log_path = workdir / "postgres.log"
-    password = secrets.token_urlsafe(16)
+    role_pw = secrets.token_urlsafe(16)  # the mlflow role's password, this session only
     root = Path(tempfile.mkdtemp(prefix="covseg-pg-"))  # /tmp: reachable by the postgres user
     data, pwfile = root / "data", root / "pwfile"
-    pwfile.write_text(password)
+    pwfile.write_text(role_pw)
     if os.geteuid() == 0:
         shutil.chown(root, POSTGRES_OS_USER)
         shutil.chown(pwfile, POSTGRES_OS_USER)
@@ -326,18 +326,18 @@ def postgres(workdir: Path) -> Iterator[PostgresServer]:
             ]),
             log_path,
             env,
-            probe=lambda port: _pg_answers(port, password),
+            probe=lambda port: _pg_answers(port, role_pw),
             stop_signal=signal.SIGINT,  # "fast" shutdown: do not wait for clients to disconnect
         )
         try:
-            conn = _pg_connect(port, password)
+            conn = _pg_connect(port, role_pw)
             conn.autocommit = True
             with conn.cursor() as cur:
                 cur.execute(f"CREATE DATABASE {POSTGRES_DB} OWNER {POSTGRES_ROLE}")
                 cur.execute("SHOW server_version")
                 version = str(cur.fetchone()[0])
             conn.close()
-            yield PostgresServer(dsn=f"postgresql+psycopg2://{POSTGRES_ROLE}:{password}@127.0.0.1:{port}/"
+            yield PostgresServer(dsn=f"postgresql+psycopg2://{POSTGRES_ROLE}:{role_pw}@127.0.0.1:{port}/"
                                  f"{POSTGRES_DB}", port=port, version=version, log_path=log_path)
         finally:
             server.stop()
