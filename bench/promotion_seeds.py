@@ -44,7 +44,7 @@ def main() -> None:
         scores[str(folder)] = {"dice": result["dice"], "per_slice_dice": result["per_slice_dice"]}
         print(f"{folder}: Dice {result['dice']:.4f} over {len(result['per_slice_dice'])} slices")
     decisions = []
-    for champ, cand in itertools.permutations(scores, 2):
+    for champ, cand in itertools.permutations(scores, 2):  # versions named by folder
         decision = decide(Candidate(cand, scores[cand]["dice"], tuple(scores[cand]["per_slice_dice"])),
                           Champion(champ, scores[champ]["dice"], tuple(scores[champ]["per_slice_dice"])),
                           cfg["margin"], {}, cfg["confidence"])

@@ -1,7 +1,7 @@
 """The registry (covseg.model_logging, .promotion, .lease, .retry, .serving) against real MLflow servers.
 
-Each test runs twice: MLflow on a sqlite store and MLflow on a real PostgreSQL server (as in the prod
-overlay), both with artifacts on a real moto S3 server. Most tests use a tiny conv net logged from
+Every test that uses the registry runs twice: MLflow on a sqlite store and MLflow on a real PostgreSQL
+server (as in the prod overlay), both with artifacts on a real moto S3 server. Most tests use a tiny conv net logged from
 ``tiny_model_code.py``; one model is logged per store, and promotion tests register further versions of
 that logged model under their own registered-model names, so they stay independent and fast. The real
 segmenter goes through the register stage in the tests at the end.
@@ -652,6 +652,35 @@ def test_paired_evidence_is_an_interval_around_the_mean_difference():
     # the interval shrinks like 1/sqrt(n): 4x the slices, about half the width
     many = paired_evidence(np.tile(candidate, 4), np.tile(champion, 4))
     assert (many.high - many.low) == pytest.approx((ev.high - ev.low) / 2, rel=0.25)
+
+
+SEEDS_FIXTURE = Path(__file__).parent / "fixtures" / "promotion" / "quick_segment_seeds.json"
+
+
+def test_the_quick_segmenter_retrained_with_another_seed_is_never_promoted():
+    """Recorded per-slice Dice of the quick segmenter retrained with three seeds (see the fixture's
+    `command`): under params.yaml's register settings no seed takes champion from another, while the old
+    rule (a higher mean Dice) would have promoted in half the pairs and a confidence bound alone (margin 0)
+    in some."""
+    import itertools
+    import json
+
+    from helpers import REPO_ROOT
+
+    from covseg.config import load_params
+
+    cfg = load_params("quick", path=REPO_ROOT / "params.yaml")["register"]
+    seeds = {seed: tuple(scores) for seed, scores in json.loads(SEEDS_FIXTURE.read_text())["per_slice_dice"].items()}
+    assert len(seeds) == 3 and len({len(s) for s in seeds.values()}) == 1
+
+    def by_rule(margin: float) -> list[str]:
+        return [decide(_candidate(cand, seeds[cand]), Champion(champ, float(np.mean(seeds[champ])), seeds[champ]),
+                       margin, {}, cfg["confidence"]).alias for champ, cand in itertools.permutations(seeds, 2)]
+
+    assert by_rule(cfg["margin"]) == [CHALLENGER] * 6
+    assert CHAMPION in by_rule(0.0)  # the interval alone does not absorb seed noise: the margin does
+    old_rule = [np.mean(seeds[cand]) > np.mean(seeds[champ]) for champ, cand in itertools.permutations(seeds, 2)]
+    assert sum(old_rule) == 3
 
 
 def test_with_retries_backs_off_on_connection_errors_only():
