@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -115,7 +116,7 @@ def paired_evidence(candidate: Sequence[float], champion: Sequence[float], confi
     Raises:
         ValueError: the two score lists differ in length, are empty, or hold a non-finite value.
     """
-    from scipy.stats import bootstrap
+    from scipy.stats import DegenerateDataWarning, bootstrap
 
     a, b = np.asarray(candidate, dtype=np.float64), np.asarray(champion, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
@@ -128,8 +129,10 @@ def paired_evidence(candidate: Sequence[float], champion: Sequence[float], confi
     mean = float(diff.mean())
     if diff.size < 2 or np.ptp(diff) == 0:
         return Evidence(mean, mean, mean, confidence, int(diff.size))
-    result = bootstrap((diff,), np.mean, n_resamples=n_resamples, confidence_level=confidence, method="BCa",
-                       rng=np.random.default_rng(seed))
+    with warnings.catch_warnings():  # an undefined BCa interval is handled below
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        result = bootstrap((diff,), np.mean, n_resamples=n_resamples, confidence_level=confidence, method="BCa",
+                           rng=np.random.default_rng(seed))
     low, high = (float(x) for x in (result.confidence_interval.low, result.confidence_interval.high))
     if not (math.isfinite(low) and math.isfinite(high)):  # BCa undefined (e.g. 2 slices): percentile
         result = bootstrap((diff,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
