@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROFILE ?= quick
 DATA_SRC ?= ../shared/datasets
+# Telemetry off for shell commands; the one definition is src/covseg/telemetry.py (keep these equal).
 export GX_ANALYTICS_ENABLED := False
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from covseg.config import load_params, repo_root
+from covseg.telemetry import TELEMETRY_OFF
 from pipelines import train_pipeline
 
 DEFAULT_PACKAGE = Path(train_pipeline.__file__).with_suffix(".yaml")
 """``pipelines/train_pipeline.yaml``: the compiled package, committed as a golden file."""
 
-_TELEMETRY_OFF = {"GX_ANALYTICS_ENABLED": "False", "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-                  "DO_NOT_TRACK": "1"}
+_TELEMETRY_OFF = dict(TELEMETRY_OFF)
 
 
 def compile_pipeline(out: str | Path | None = None, profile: str = "quick") -> Path:

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
+from covseg import telemetry
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 CT_MD = SHARED_DATASETS / "covid-ct-md"
@@ -40,8 +42,7 @@ SLICE_STEMS = (
 MEDSEG_STEMS = ("medseg_000", "medseg_001")
 # Rescale tags that GDCM's writer computes itself (copying them makes it throw).
 _WRITER_OWNED_TAGS = {"0028|1052", "0028|1053"}
-TELEMETRY_OFF = {"GX_ANALYTICS_ENABLED": "False", "DVC_NO_ANALYTICS": "1",
-                 "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+TELEMETRY_OFF = dict(telemetry.TELEMETRY_OFF)  # for subprocess environments (the one definition)
 
 
 def require_shared() -> Path:
@@ -297,3 +298,42 @@ def mlflow_at(uri: str) -> Iterator[Any]:
             yield mlflow.MlflowClient(uri, uri)
         finally:
             mlflow.set_tracking_uri(before)  # None also clears MLFLOW_TRACKING_URI; mp restores it after
+
+
+_UNPICKLED: list[str] | None = None
+
+
+def _record_unpickling(event: str, args: tuple[Any, ...]) -> None:
+    if event == "pickle.find_class" and _UNPICKLED is not None:
+        _UNPICKLED.append(f"{args[0]}.{args[1]}")
+
+
+@contextlib.contextmanager
+def unpickled_globals() -> Iterator[list[str]]:
+    """Inside the block, record every global a pickle load resolves (``module.name``; audit event
+    ``pickle.find_class``, raised by the C and the Python unpickler). An empty list: nothing was unpickled
+    that names a class or function."""
+    global _UNPICKLED
+    if not getattr(unpickled_globals, "hooked", False):
+        sys.addaudithook(_record_unpickling)  # audit hooks cannot be removed: install once, switch by flag
+        unpickled_globals.hooked = True  # type: ignore[attr-defined]
+    _UNPICKLED = found = []
+    try:
+        yield found
+    finally:
+        _UNPICKLED = None
+
+
+def is_pickle(path: Path) -> bool:
+    """True for a pickle file (protocol 2+ header, or a .pkl/.pickle name) or a zip holding one (torch.save)."""
+    import zipfile
+
+    if path.suffix in (".pkl", ".pickle"):
+        return True
+    head = path.read_bytes()[:2]
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return True
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith((".pkl", ".pickle")) for name in archive.namelist())
+    return False

@@ -22,19 +22,22 @@ import pytest
 import yaml
 from helpers import mlflow_at
 
-from covseg import registry
+from covseg import promotion, registry
 from covseg.audit import AuditError, audit_diff, audit_versions, format_audit, format_diff
 from covseg.config import params_hash
 from covseg.io import InputError
+from covseg.telemetry import TELEMETRY_OFF
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 MEDSEG = DATASETS / "medseg-100"
 SLICES = DATASETS / "covid19-ct-seg-slices" / "images"
 PIP = ["mlflow"]  # explicit: skips requirement inference
+ECHO_CODE = Path(__file__).with_name("echo_model_code.py")
+SLICE_OFFSETS = (-0.1, 0.05, 0.0, 0.05)  # per-slice Dice around each version's mean (the registry's view)
 
 
 class Trivial(mlflow.pyfunc.PythonModel):
-    """Stands in for the segmenter: the audit only reads the registry, never the model."""
+    """Stands in for a segmenter logged before models from code (pickled): the audit only reads the registry."""
 
     def predict(self, context, model_input: list[str], params=None) -> list[str]:
         return model_input
@@ -45,7 +48,7 @@ def _unique(prefix: str) -> str:
 
 
 def _sh(repo: Path, *cmd: str) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_CONFIG_NOSYSTEM": "1"}
+    env = {**os.environ, **TELEMETRY_OFF, "GIT_CONFIG_NOSYSTEM": "1"}
     done = subprocess.run(list(cmd), cwd=repo, env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout.strip()
@@ -100,9 +103,9 @@ def data_repo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def client(mlflow_server: str) -> Iterator[mlflow.MlflowClient]:
+def client(mlflow_server_any: str) -> Iterator[mlflow.MlflowClient]:
     """Point MLflow at the session server inside this module only; restore afterwards."""
-    with mlflow_at(mlflow_server) as client:
+    with mlflow_at(mlflow_server_any) as client:
         yield client
 
 
@@ -113,24 +116,25 @@ def _lineage(commit: str, md5: str, params: dict[str, Any], run: str) -> dict[st
 
 @pytest.fixture(scope="module")
 def registered(client: mlflow.MlflowClient, data_repo: dict[str, Any]) -> dict[str, Any]:
-    """v1 trained on data A, v2 on data B (better Dice: champion; v1 becomes challenger)."""
+    """v1 trained on data A (logged the old way, pickled), v2 on data B (a model from code; better Dice:
+    champion; v1 becomes challenger)."""
     name = _unique("covseg-audit")
     experiment_id = client.create_experiment(_unique("covseg-audit-tests"))
     client.create_registered_model(name)
-    versions, uri, model_id = [], None, None
-    for (commit, md5), dice, params in (
-        (data_repo["A"], 0.41, {"profile": "tiny", "seed": 0}),
-        (data_repo["B"], 0.52, {"profile": "quick", "seed": 0}),
+    versions, per_slice = [], {}
+    for (commit, md5), dice, params, python_model in (
+        (data_repo["A"], 0.41, {"profile": "tiny", "seed": 0}, Trivial()),
+        (data_repo["B"], 0.52, {"profile": "quick", "seed": 0}, str(ECHO_CODE)),
     ):
         with mlflow.start_run(experiment_id=experiment_id) as run:
             mlflow.log_metrics({"eval.dice": dice, "eval.iou": dice * 0.8})
-            if uri is None:
-                info = mlflow.pyfunc.log_model(name="model", python_model=Trivial(), pip_requirements=PIP)
-                uri, model_id = info.model_uri, info.model_id
+            info = mlflow.pyfunc.log_model(name="model", python_model=python_model, pip_requirements=PIP)
+            uri, model_id = info.model_uri, info.model_id
             tags = {**_lineage(commit, md5, params, run.info.run_id[:12]), "eval_dice": f"{dice:.4f}"}
             mv = client.create_model_version(name, uri, run_id=run.info.run_id, tags=tags, model_id=model_id)
-        registry.promote(client, name, mv.version, dice, score_fn_for_champion=None, margin=0.01, floors={},
-                         candidate_metrics={})
+        per_slice[str(mv.version)] = tuple(dice + d for d in SLICE_OFFSETS)
+        promotion.promote(client, name, promotion.Candidate(str(mv.version), dice, per_slice[str(mv.version)]),
+                          score_champion=lambda uri: per_slice[uri.rsplit("/", 1)[-1]], margin=0.01, floors={})
         versions.append(str(mv.version))
     return {"name": name, "versions": versions, "uri": uri, "model_id": model_id}
 
@@ -151,9 +155,15 @@ def test_audit_versions_lists_data_version_params_metrics_and_aliases(client, da
     assert (v2["candidate_dice"], v2["champion_dice"]) == (0.52, 0.41)
     assert v1["run_metrics"]["eval.dice"] == pytest.approx(0.41)
     assert v2["run_metrics"]["eval.iou"] == pytest.approx(0.52 * 0.8)
+    assert (v1["model_format"], v2["model_format"]) == ("pickle", "code")
+    assert v1["dice_difference"] is None  # the first champion had nothing to be compared with
+    assert v2["dice_difference"] == pytest.approx(0.11) and v2["paired_slices"] == len(SLICE_OFFSETS)
+    assert v2["dice_difference_low"] == pytest.approx(0.11) == v2["dice_difference_high"]  # same gain on each
+    assert (v2["promotion_margin"], v2["dice_difference_confidence"]) == (0.01, 0.95)
 
     table = format_audit(rows)
     assert f"v{v1['version']}" in table and "challenger" in table and "0.5200" in table
+    assert "+0.1100 [+0.1100, +0.1100]" in table and "pickle" in table and "code" in table
     assert "2 versions on 2 data versions" in table
     assert data_repo["A"][1] in table and data_repo["B"][1] in table
     assert audit_versions(client, _unique("no-such-model")) == []

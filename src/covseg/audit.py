@@ -25,13 +25,31 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from covseg.errors import InputError
+from covseg.registry import (
+    REGISTERED_NAME,
+    TAG_CANDIDATE_DICE,
+    TAG_CHAMPION_BEFORE,
+    TAG_CHAMPION_DICE,
+    TAG_CONFIDENCE,
+    TAG_DECISION,
+    TAG_DIFFERENCE,
+    TAG_DIFFERENCE_HIGH,
+    TAG_DIFFERENCE_LOW,
+    TAG_DISPLACED_BY,
+    TAG_MARGIN,
+    TAG_PAIRED_SLICES,
+    TAG_REASON,
+)
+from covseg.telemetry import TELEMETRY_OFF
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-REGISTERED_NAME = "covseg"
-DICE_TAGS = ("eval_dice", "candidate_dice", "champion_dice")
+DICE_TAGS = ("eval_dice", TAG_CANDIDATE_DICE, TAG_CHAMPION_DICE)
+EVIDENCE_TAGS = {"dice_difference": TAG_DIFFERENCE, "dice_difference_low": TAG_DIFFERENCE_LOW,
+                 "dice_difference_high": TAG_DIFFERENCE_HIGH, "dice_difference_confidence": TAG_CONFIDENCE,
+                 "promotion_margin": TAG_MARGIN}
 UNKNOWN = ("", "unknown", "none")
 DVC_TIMEOUT_S = 300
 
@@ -98,6 +116,21 @@ def _aliases(client: MlflowClient, name: str) -> dict[str, list[str]]:
     return out
 
 
+def _model_format(mv: ModelVersion) -> str | None:
+    """How the version's model is stored (its MLmodel): ``code`` (model from code), ``pickle`` (a CloudPickle
+    of the PythonModel, before models from code), ``other``; None when the MLmodel cannot be read."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import get_model_info
+
+    from covseg.serving import storage_format
+
+    try:
+        info = get_model_info(f"models:/{mv.name}/{mv.version}")
+    except (MlflowException, OSError):
+        return None
+    return storage_format(info.flavors.get("python_function", {}))
+
+
 def _row(client: MlflowClient, mv: ModelVersion, aliases: list[str]) -> dict[str, Any]:
     tags = dict(mv.tags or {})
     created = None
@@ -116,10 +149,13 @@ def _row(client: MlflowClient, mv: ModelVersion, aliases: list[str]) -> dict[str
         "profile": _tag(tags, "profile"),
         "pipeline_run_id": _tag(tags, "pipeline_run_id"),
         **{key: _float_tag(tags.get(key)) for key in DICE_TAGS},
-        "promotion_decision": _tag(tags, "promotion_decision"),
-        "promotion_reason": _tag(tags, "promotion_reason"),
-        "champion_version_before": _tag(tags, "champion_version_before"),
-        "displaced_by_version": _tag(tags, "displaced_by_version"),
+        "promotion_decision": _tag(tags, TAG_DECISION),
+        "promotion_reason": _tag(tags, TAG_REASON),
+        "champion_version_before": _tag(tags, TAG_CHAMPION_BEFORE),
+        "displaced_by_version": _tag(tags, TAG_DISPLACED_BY),
+        **{key: _float_tag(tags.get(tag)) for key, tag in EVIDENCE_TAGS.items()},
+        "paired_slices": int(tags[TAG_PAIRED_SLICES]) if tags.get(TAG_PAIRED_SLICES, "").isdigit() else None,
+        "model_format": _model_format(mv),
         "run_metrics": _run_metrics(client, mv.run_id),
     }
 
@@ -134,8 +170,13 @@ def audit_versions(client: MlflowClient, name: str = REGISTERED_NAME) -> list[di
     Returns:
         One dict per version: ``name, version, aliases, status, created, run_id, git_commit, data_md5,
         params_hash, profile, pipeline_run_id, eval_dice, candidate_dice, champion_dice, promotion_decision,
-        promotion_reason, champion_version_before, displaced_by_version, run_metrics``. Missing tags are
-        None (``unknown`` / ``none`` tags too); ``run_metrics`` is ``{}`` when the source run is gone.
+        promotion_reason, champion_version_before, displaced_by_version, dice_difference,
+        dice_difference_low, dice_difference_high, dice_difference_confidence, promotion_margin,
+        paired_slices, model_format, run_metrics`` (the ``dice_difference*`` fields: the paired per-slice
+        Dice gain over the champion it was compared with, and its confidence interval).
+        Missing tags are None (``unknown`` / ``none`` tags too); ``run_metrics`` is ``{}`` when the source
+        run is gone; ``model_format`` is ``code``, ``pickle`` (logged before models from code: covseg loads
+        it from its weight files, never from the pickle) or None when its MLmodel cannot be read.
     """
     versions = _all_versions(client, name)
     aliases = _aliases(client, name) if versions else {}
@@ -162,18 +203,27 @@ def _dice(row: dict[str, Any]) -> float | None:
     return row.get("run_metrics", {}).get("eval.dice")
 
 
+def _gain(row: dict[str, Any]) -> str:
+    """The paired Dice gain over the champion with its interval, e.g. ``+0.0310 [+0.0120, +0.0500]``."""
+    diff, low, high = (row.get(k) for k in ("dice_difference", "dice_difference_low", "dice_difference_high"))
+    if diff is None:
+        return "-"
+    return f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]" if low is not None and high is not None else f"{diff:+.4f}"
+
+
 def format_audit(rows: list[dict[str, Any]]) -> str:
     """A readable table of :func:`audit_versions` rows, then which versions share each data version."""
     if not rows:
         return "no registered versions"
-    header = ("version", "aliases", "decision", "dice", "champ_dice", "data_md5", "commit", "params_hash",
-              "profile", "created")
+    header = ("version", "aliases", "decision", "dice", "champ_dice", "gain [CI]", "margin", "data_md5",
+              "commit", "params_hash", "profile", "format", "created")
     table = [header]
     for r in rows:
         table.append((
             f"v{r['version']}", _cell(r["aliases"]), _cell(r["promotion_decision"]), _cell(_dice(r)),
-            _cell(r["champion_dice"]), _cell(r["data_md5"], 12), _cell(r["git_commit"], 8),
-            _cell(r["params_hash"]), _cell(r["profile"]), _cell(r["created"]),
+            _cell(r["champion_dice"]), _gain(r), _cell(r.get("promotion_margin")), _cell(r["data_md5"], 12),
+            _cell(r["git_commit"], 8),
+            _cell(r["params_hash"]), _cell(r["profile"]), _cell(r.get("model_format")), _cell(r["created"]),
         ))
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in table]
@@ -237,7 +287,7 @@ def _md5_at(repo: Path, commit: str, dvc_file: str) -> str | None:
 
 
 def _dvc_diff(repo: Path, a: str, b: str) -> dict[str, Any]:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    env = {**os.environ, **TELEMETRY_OFF}
     cmd = [sys.executable, "-m", "dvc", "diff", "--json", a, b]
     try:
         done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=DVC_TIMEOUT_S,

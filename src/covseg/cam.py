@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from covseg.classify import MODEL as CLASSIFIER
 from covseg.classify import predict_proba
 from covseg.nets import SliceClassifier
+from covseg.progress import progress
 from covseg.training import SliceSet, device, load_state
 
 MAPS, STATS = "coarse.npz", "coarse.parquet"
@@ -102,7 +102,7 @@ def coarse_labels(lungs_dir: str | Path, classify_dir: str | Path, out_dir: str 
     positions = rows["row"].to_numpy()
     size = slices.images.shape[-1]
     soft = np.zeros((len(slices.index), size, size), dtype=np.float16)
-    for start in tqdm(range(0, len(positions), 64), desc="grad-cam", unit="batch"):
+    for start in progress(range(0, len(positions), 64), desc="grad-cam", unit="batch"):
         chunk = positions[start:start + 64]
         maps = grad_cam(model, slices.tensor(chunk), cfg["layer"])
         soft[chunk] = normalise_in_lung(maps, slices.lungs[chunk])

@@ -18,7 +18,7 @@ from covseg.cam import MAPS as CAM_MAPS
 from covseg.harmonise import from_canonical, geometry_of
 from covseg.ingest import read_manifest
 from covseg.io import SLICE_SUFFIXES, InputError, read_mask, read_slice
-from covseg.metrics import summarise
+from covseg.metrics import slice_metrics, summarise
 from covseg.mil import LABELS as FINE
 from covseg.mil import lesion_prior
 from covseg.segment import load_segmenter, segment_canonical
@@ -118,7 +118,8 @@ def evaluate_ingested(segmenter: Any, ingest_dir: str | Path, max_slices: int = 
     """Metrics of a LesionSegmenter on the evaluation rows of an ingested dataset (raw slice -> mask).
 
     The promotion step scores the candidate and the current champion with this same function, so the
-    comparison is like for like whatever image size each model was trained at.
+    comparison is like for like whatever image size each model was trained at; `per_slice_dice` (threshold
+    0.5, in a fixed slice order) pairs the two models slice by slice.
     """
     ingest_dir = Path(ingest_dir)
     manifest = read_manifest(ingest_dir)
@@ -133,4 +134,5 @@ def evaluate_ingested(segmenter: Any, ingest_dir: str | Path, max_slices: int = 
         images = [img[z] if img.ndim == 3 else img for img, z in zip(images, group["z"], strict=True)]
         truths += [_read_mask(ingest_dir, row) for _, row in group.iterrows()]
         probs += [p.prob for p in segmenter.predict_slices(images, domain)]
-    return summarise(probs, truths)
+    per_slice = [slice_metrics(p >= 0.5, t)["dice"] for p, t in zip(probs, truths, strict=True)]
+    return {**summarise(probs, truths), "per_slice_dice": per_slice}

@@ -8,13 +8,13 @@ expectation, so the pipeline stops before the next stage.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from covseg import telemetry
 from covseg.errors import GateFailed
 from covseg.io import atomic_write_text
 
@@ -42,7 +42,7 @@ def _summary(result: Any) -> str:
 
 def run_gate(name: str, tables: dict[str, pd.DataFrame], checks: list[Check], report: str | Path) -> dict:
     """Validate `tables` against `checks`; write the JSON report; raise GateFailed on any failure."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    telemetry.disable()
     import great_expectations as gx  # heavy (3 s): import only when a gate runs
     from great_expectations.data_context.types.base import ProgressBarsConfig
 

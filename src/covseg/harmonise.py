@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+
+from covseg.progress import progress
 
 LUNG_LEVEL, BODY_LEVEL = 0.1, 0.6
 HU_WINDOW = (-1350.0, 150.0)
@@ -157,7 +158,7 @@ def prepare_dataset(ingest_dir: str | Path, out_dir: str | Path, params: dict) -
     images = np.zeros((len(manifest), size, size), dtype=np.float16)
     lungs = np.zeros((len(manifest), size, size), dtype=bool)
     geos, volumes = [], {}
-    for i, row in enumerate(tqdm(manifest.itertuples(), total=len(manifest), desc="lungs", unit="slice")):
+    for i, row in enumerate(progress(manifest.itertuples(), total=len(manifest), desc="lungs", unit="slice")):
         if row.file not in volumes:
             volumes.clear()  # rows come grouped by case file: keep one volume in memory
             volumes[row.file] = sitk.GetArrayFromImage(sitk.ReadImage(str(ingest_dir / row.file)))

@@ -72,13 +72,11 @@ class LesionSegmenter:
         """From a folder holding segmenter.pt (+ .json), or an MLflow URI such as models:/covseg@champion."""
         text = str(model)
         if text.startswith(("models:/", "runs:/")) or "://" in text:
-            import mlflow.pyfunc
-
+            from covseg.serving import load_registered_segmenter
             from covseg.tracking import configure
 
             configure()
-            with quiet_library_warnings():
-                return mlflow.pyfunc.load_model(text).unwrap_python_model().segmenter
+            return load_registered_segmenter(text)  # from the weight files: no pickle, no model code run
         if not Path(text).is_dir():
 
             raise InputError(text, "model folder not found (expected segmenter.pt inside)")

@@ -142,17 +142,18 @@ def register(ingest_dir: str | Path, segment_dir: str | Path, params: dict[str, 
     """Log the segmenter as the MLflow pyfunc model `covseg`, register a version, promote or not.
 
     Candidate and current champion are scored by the same function on the same evaluation slices; the
-    candidate takes `champion` only when its Dice beats the champion's by `register.margin` and it passes
-    the absolute floors, else `challenger`. The decision and both scores are tags on the version.
+    candidate takes `champion` only when it passes the absolute floors and the lower `register.confidence`
+    bound of its paired per-slice Dice difference to the champion clears `register.margin`, else
+    `challenger`. The decision, both scores, the difference and its interval are tags on the version.
     """
     import mlflow
     import numpy as np
 
-    from covseg import registry
+    from covseg import model_logging, promotion
     from covseg.evaluate import evaluate_ingested
     from covseg.predict import LesionSegmenter
     from covseg.segment import MODEL
-    from covseg.serving import SEGMENTER_META, SEGMENTER_PT, CovsegModel, signature
+    from covseg.serving import MODEL_CODE, SEGMENTER_META, load_registered_segmenter, signature
 
     cfg = params["register"]
     if not tracking.enabled():
@@ -165,19 +166,20 @@ def register(ingest_dir: str | Path, segment_dir: str | Path, params: dict[str, 
         example = np.zeros((1, 64, 64), dtype=np.float32)
         example[0, 16:48, 8:28] = example[0, 16:48, 36:56] = 30.0  # two dark "lungs" in a bright body
         example[example == 0] = 200.0
-        version = registry.log_segmenter(
-            segmenter.model, pyfunc_model=CovsegModel(),
-            artifacts={SEGMENTER_PT: str(weights), SEGMENTER_META: str(weights.with_suffix(".json"))},
+        version = model_logging.log_segmenter(
+            segmenter.model, model_code=MODEL_CODE, artifacts={SEGMENTER_META: str(weights.with_suffix(".json"))},
             input_example=example, signature=signature(), registered_name=cfg["name"],
             tags={**tracking.lineage(params), "eval_dice": f"{candidate['dice']:.4f}"},
-            pip_requirements=[*registry.default_pip_requirements(), f"monai=={_version('monai')}",
+            pip_requirements=[*model_logging.default_pip_requirements(), f"monai=={_version('monai')}",
                               f"SimpleITK=={_version('SimpleITK')}"],
             code_paths=[str(Path(__file__).parent)])
-        champion_score = lambda uri: evaluate_ingested(  # noqa: E731
-            LesionSegmenter.load(uri), ingest_dir, params.get("max_eval_slices", 0))["dice"]
-        decision = registry.promote(
-            mlflow.MlflowClient(), cfg["name"], version.version, candidate["dice"],
-            score_fn_for_champion=champion_score, margin=cfg["margin"], floors=cfg["floors"],
-            candidate_metrics={k: candidate[k] for k in ("dice", "iou", "ppv", "sensitivity", "specificity")})
+        champion_scores = lambda uri: evaluate_ingested(  # noqa: E731
+            load_registered_segmenter(uri), ingest_dir, params.get("max_eval_slices", 0))["per_slice_dice"]
+        decision = promotion.promote(
+            mlflow.MlflowClient(), cfg["name"],
+            promotion.Candidate(version.version, candidate["dice"], tuple(candidate["per_slice_dice"]),
+                                {k: candidate[k] for k in ("dice", "iou", "ppv", "sensitivity", "specificity")}),
+            score_champion=champion_scores, margin=cfg["margin"], confidence=cfg["confidence"],
+            floors=cfg["floors"])
         mlflow.set_tags({"promotion_decision": decision["decision"], "model_version": version.version})
     return {"version": version.version, "candidate": candidate, "decision": decision}

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+from covseg import telemetry
 from covseg.config import params_hash, repo_root
 
 EXPERIMENT = "covseg"
@@ -33,7 +34,7 @@ def configure() -> None:
     """Point mlflow at the tracking URI and the `covseg` experiment (created on first use)."""
     import mlflow
 
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    telemetry.disable()
     mlflow.set_tracking_uri(tracking_uri())
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
         location = None

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from covseg.harmonise import INDEX, SLICES
+from covseg.progress import progress
 
 
 def seed_everything(seed: int) -> None:
@@ -173,7 +173,7 @@ def fit(model: nn.Module, epochs: int, run_epoch: Callable[[int], dict[str, floa
         history = json.loads(state["history"])
         start = len(history)
         _set_random_state(state["random"], rngs)
-    bar = tqdm(range(start, epochs), desc=desc, unit="epoch", initial=start, total=epochs)
+    bar = progress(range(start, epochs), desc=desc, unit="epoch", initial=start, total=epochs)
     for epoch in bar:
         model.train()
         record = {"epoch": epoch, **run_epoch(epoch)}
