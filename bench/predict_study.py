@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from covseg.telemetry import TELEMETRY_OFF
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets" / "covid-ct-md"
 SERIES = ("P001", "normal001", "cap001", "normal002")
@@ -104,8 +106,7 @@ def load1() -> float:
 
 def cold_run(study: Path, model: Path, out: Path) -> dict[str, Any]:
     """A fresh `covseg predict` process; wall time measured here, parts from its report.json."""
-    env = {**os.environ, "GX_ANALYTICS_ENABLED": "False", "DVC_NO_ANALYTICS": "1",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+    env = {**os.environ, **TELEMETRY_OFF}
     before = load1()
     start = time.perf_counter()
     done = subprocess.run([str(Path(sys.executable).parent / "covseg"), "predict", str(study), "--model", str(model),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,30 +23,6 @@ import torch
 from covseg.harmonise import Geometry, canonical_slice, from_canonical, to_8bit_look
 from covseg.io import InputError, Study
 from covseg.segment import load_segmenter, segment_canonical
-
-KNOWN_LIBRARY_WARNINGS = (
-    # MLflow asks every PythonModel without type hints on `predict` for them, when covseg.serving is first
-    # imported (here: when a models:/ URI is loaded). The served model's schema is its logged signature
-    # (serving.signature), so the advice is for whoever logs models, not for a user of `covseg predict`.
-    (UserWarning, "Add type hints to the `predict` method"),
-)
-"""(category, message text) of the library warnings that `covseg predict` keeps from its user."""
-
-
-@contextlib.contextmanager
-def quiet_library_warnings() -> Iterator[None]:
-    """Drop KNOWN_LIBRARY_WARNINGS raised inside the block; every other warning is shown as usual.
-
-    The warnings are recorded and re-issued rather than filtered: MLflow installs its own filter around
-    the check that warns ("once"), which would override a filter set here.
-    """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
-    for item in caught:
-        if not any(issubclass(item.category, category) and text in str(item.message)
-                   for category, text in KNOWN_LIBRARY_WARNINGS):
-            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
 
 
 @dataclass
@@ -72,11 +47,11 @@ class LesionSegmenter:
         """From a folder holding segmenter.pt (+ .json), or an MLflow URI such as models:/covseg@champion."""
         text = str(model)
         if text.startswith(("models:/", "runs:/")) or "://" in text:
-            from covseg.serving import load_registered_segmenter
+            from covseg.model_files import load_registered_weights
             from covseg.tracking import configure
 
             configure()
-            return load_registered_segmenter(text)  # from the weight files: no pickle, no model code run
+            return cls(*load_registered_weights(text))  # from the weight files: no pickle, no code run
         if not Path(text).is_dir():
 
             raise InputError(text, "model folder not found (expected segmenter.pt inside)")

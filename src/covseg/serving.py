@@ -12,8 +12,6 @@ segmenter from the weight files alone (torch ``weights_only``), so they can stil
 
 from __future__ import annotations
 
-import json
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,62 +19,18 @@ from typing import TYPE_CHECKING, Any
 import mlflow.pyfunc
 import numpy as np
 
-from covseg.io import InputError
-from covseg.model_logging import WEIGHTS_ARTIFACT
+from covseg.model_files import (  # noqa: F401  (SEGMENTER_META, SEGMENTER_PT: the artifact keys, re-exported)
+    SEGMENTER_META,
+    SEGMENTER_PT,
+    load_registered_weights,
+    segmenter_from_artifacts,
+)
 
 if TYPE_CHECKING:
     from covseg.predict import LesionSegmenter
 
-SEGMENTER_META = "segmenter_meta"  # segmenter.json: architecture and harmonisation
-SEGMENTER_PT = "segmenter_pt"  # legacy (pickled versions): torch state dict, loaded weights-only
 MODEL_CODE = Path(__file__).with_name("serving_code.py")
 """The models-from-code file logged with every version: it builds :class:`CovsegModel`."""
-
-
-def segmenter_from_artifacts(artifacts: Mapping[str, str]) -> LesionSegmenter:
-    """The segmenter from a logged model's artifact files (``{key: local path}``).
-
-    Safetensors weights when present, else the legacy torch state dict (weights only: no code is run).
-
-    Raises:
-        InputError: the artifacts hold no segmenter weights or no ``segmenter.json``.
-    """
-    from covseg.nets import build_segmenter
-    from covseg.predict import LesionSegmenter
-
-    if SEGMENTER_META not in artifacts or not ({WEIGHTS_ARTIFACT, SEGMENTER_PT} & set(artifacts)):
-        raise InputError(", ".join(sorted(artifacts)) or "(none)",
-                         "not a covseg segmenter model: artifacts must hold the weights and segmenter.json")
-    if WEIGHTS_ARTIFACT not in artifacts:
-        return LesionSegmenter.from_files(artifacts[SEGMENTER_PT], artifacts[SEGMENTER_META])
-    from safetensors.torch import load_model
-
-    meta = json.loads(Path(artifacts[SEGMENTER_META]).read_text())
-    model = build_segmenter(tuple(meta["features"]))
-    load_model(model, artifacts[WEIGHTS_ARTIFACT], device="cpu")
-    return LesionSegmenter(model.eval(), meta)
-
-
-def load_registered_segmenter(uri: str) -> LesionSegmenter:
-    """The segmenter of a logged or registered model (``models:/covseg@champion``, ``runs:/...``).
-
-    Downloads the model and builds the segmenter from its weight files; the model's code file and any
-    pickle (``python_model.pkl`` of legacy versions) are never run.
-
-    Raises:
-        InputError: the model is not a covseg segmenter.
-    """
-    import mlflow.artifacts
-    from mlflow.models import Model
-
-    with tempfile.TemporaryDirectory(prefix="covseg-model-") as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-        conf = Model.load(str(local)).flavors.get("python_function", {})
-        paths = {key: str(local / spec["path"]) for key, spec in conf.get("artifacts", {}).items()}
-        try:
-            return segmenter_from_artifacts(paths)
-        except InputError as exc:
-            raise InputError(uri, exc.problem) from None
 
 
 def storage_format(flavor_conf: Mapping[str, Any]) -> str:
@@ -86,12 +40,23 @@ def storage_format(flavor_conf: Mapping[str, Any]) -> str:
     return "pickle" if flavor_conf.get("python_model") else "other"
 
 
+
+def load_registered_segmenter(uri: str) -> LesionSegmenter:
+    """The predict path's segmenter of a logged or registered model (``models:/covseg@champion``), built from
+    its weight files (`covseg.model_files`): no pickle, no model code is run."""
+    from covseg.predict import LesionSegmenter
+
+    return LesionSegmenter(*load_registered_weights(uri))
+
+
 class CovsegModel(mlflow.pyfunc.PythonModel):
     """Input: (N, H, W) slices in the radiological view, 8-bit look (params `domain`='hu' for Hounsfield
     units). Output: (N, H, W) uint8 lesion masks (probability >= `threshold`, default 0.5)."""
 
     def load_context(self, context: Any) -> None:
-        self.segmenter = segmenter_from_artifacts(context.artifacts)
+        from covseg.predict import LesionSegmenter
+
+        self.segmenter = LesionSegmenter(*segmenter_from_artifacts(context.artifacts))
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 (MLflow reads hints as a schema)
         params = params or {}
