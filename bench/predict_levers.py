@@ -151,7 +151,7 @@ def lung_levers(slices: np.ndarray, domain: str, segmenter: Any) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
-    from covseg.harmonise import body_geometry, normalise, to_8bit_look, to_canonical
+    from covseg.harmonise import crop_geometry, normalise, to_8bit_look, to_canonical
     from covseg.lungs import segment_lungs
     from covseg.segment import segment_canonical
 
@@ -167,7 +167,7 @@ def lung_levers(slices: np.ndarray, domain: str, segmenter: Any) -> list[dict]:
     def lesion(masks: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
         canon, lung_c, geos = [], [], []
         for image, (body, lung) in zip(slices, masks, strict=True):
-            geo = body_geometry(body, segmenter.size)
+            geo = crop_geometry(body, lung, segmenter.size)
             lc = to_canonical(lung.astype(np.float32), geo) > 0.5
             canon.append(to_canonical(normalise(to_8bit_look(image, domain), body, lung), geo) * lc)
             lung_c.append(lc)

@@ -1,4 +1,4 @@
-"""Evaluate component: Table-1 metrics of the coarse labels, the fine labels and the final segmenter."""
+"""Evaluate component: Table-1 metrics of the coarse and fine labels, each refinement round and the final model."""
 
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
@@ -8,7 +8,8 @@ from components.settings import BASE_IMAGE, log_numbers, use_tracking
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False, additional_funcs=[log_numbers, use_tracking])
 def evaluate(ingested: Input[Dataset], slices: Input[Dataset], coarse_labels: Input[Dataset],
-             fine_labels: Input[Dataset], segmenter: Input[Model], params_json: str, mlflow_tracking_uri: str,
+             fine_labels: Input[Dataset], segmenter: Input[Model], refined: Input[Model], params_json: str,
+             mlflow_tracking_uri: str,
              data_version: str, evaluation: Output[Dataset], metrics: Output[Metrics],
              panel: Output[HTML]) -> None:
     """Scores the coarse labels, the fine labels and the segmenter on the evaluation slices (pixel masks).
@@ -21,7 +22,8 @@ def evaluate(ingested: Input[Dataset], slices: Input[Dataset], coarse_labels: In
         slices: The lungs output.
         coarse_labels: The coarse output.
         fine_labels: The MIL output.
-        segmenter: The segment output.
+        segmenter: The segment output (round 0).
+        refined: The refine output (each round and the final model).
         params_json: The merged parameter profile as JSON.
         mlflow_tracking_uri: MLflow server for the stage run; empty turns tracking off.
         data_version: The run's data version (DVC md5), a lineage tag of the MLflow run.
@@ -38,7 +40,7 @@ def evaluate(ingested: Input[Dataset], slices: Input[Dataset], coarse_labels: In
 
     use_tracking(mlflow_tracking_uri, data_version)
     table = stages.evaluate(ingested.path, slices.path, coarse_labels.path, fine_labels.path, segmenter.path,
-                            evaluation.path, json.loads(params_json))
+                            refined.path, evaluation.path, json.loads(params_json))
     log_numbers(metrics, table)
     figure = Path(evaluation.path) / "panel.png"
     image = "<p>no panel</p>"

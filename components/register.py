@@ -18,7 +18,7 @@ def register(ingested: Input[Dataset], segmenter: Input[Model], params_json: str
 
     Args:
         ingested: The ingest output (the evaluation slices).
-        segmenter: The segment output.
+        segmenter: The refine output (the final model; any folder holding a segmenter.pt).
         params_json: The merged parameter profile as JSON (``register``: model name, margin, floors).
         mlflow_tracking_uri: MLflow server holding the registry; empty skips registering (a run without
             MLflow, e.g. a local test run): the outputs are then ``""`` and ``"skipped"``.

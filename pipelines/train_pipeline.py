@@ -1,10 +1,10 @@
 """The covseg training pipeline (KFP v2): ingest -> gate 0 -> lungs -> classify -> coarse -> gate A -> MIL ->
-gate B -> segment -> evaluate -> register, one component per stage (``components/``).
+gate B -> segment -> refine -> evaluate -> register, one component per stage (``components/``).
 
 Placement comes from ``infra/gpu_pool.json`` through `covseg.gpu_pool.load` (the file Terraform builds
-the GPU node pool from): the GPU tasks (classify, coarse, mil, segment) request one accelerator of its
+the GPU node pool from): the GPU tasks (classify, coarse, mil, segment, refine) request one accelerator of its
 resource, select its node label and tolerate its taint, and run the CUDA image. Every task requests and
-limits CPU and memory. The training tasks (classify, MIL, segment) keep their epoch checkpoints under
+limits CPU and memory. The training tasks (classify, MIL, segment, refine) keep their epoch checkpoints under
 `checkpoint_root` (S3, beside the run's artifacts) and are retried: a killed pod's retry resumes after its
 last finished epoch. kfp.local ignores placement and retries, so the same graph also runs on one machine
 (`pipelines.runner.run_local`).
@@ -29,6 +29,7 @@ from components.gate_b import gate_b
 from components.ingest import ingest
 from components.lungs import lungs
 from components.mil import mil
+from components.refine import refine
 from components.register import register
 from components.segment import segment
 from components.settings import CHECKPOINT_ROOT, GPU_IMAGE, MLFLOW_TRACKING_URI
@@ -52,12 +53,13 @@ RESOURCES = {
     "mil": ("4", "8", "16Gi", "32Gi"),
     "gate-b": ("500m", "1", "2Gi", "4Gi"),
     "segment": ("4", "8", "16Gi", "32Gi"),
+    "refine": ("4", "8", "16Gi", "32Gi"),
     "evaluate": ("2", "4", "4Gi", "8Gi"),
     "register": ("1", "2", "4Gi", "8Gi"),
 }
-GPU_TASKS = ("classify", "coarse", "mil", "segment")
-TRACKED_TASKS = ("classify", "mil", "segment", "evaluate", "register")
-TRAINING_TASKS = ("classify", "mil", "segment")
+GPU_TASKS = ("classify", "coarse", "mil", "segment", "refine")
+TRACKED_TASKS = ("classify", "mil", "segment", "refine", "evaluate", "register")
+TRAINING_TASKS = ("classify", "mil", "segment", "refine")
 """Tasks with epoch checkpoints under `checkpoint_root`: a retry after a killed pod resumes its training."""
 RETRIED_TASKS = ("ingest", *TRAINING_TASKS, "register")
 RETRIES = 2
@@ -142,7 +144,8 @@ def training_pipeline(
             epoch. Default: under the cluster's pipeline root. Empty: in the task's temporary folder.
 
     Returns:
-        evaluation: The evaluate output (``metrics.json``: Table-1 rows coarse / fine / final, ``panel.png``).
+        evaluation: The evaluate output (``metrics.json``: Table-1 rows coarse / fine / each round / final /
+            prior and the in-domain slice AUC beside the HU-band baseline, ``panel.png``).
         model_version: The registered model version (empty when registering was skipped).
         decision: Its promotion decision: ``champion``, ``challenger`` or ``skipped``.
     """
@@ -168,10 +171,14 @@ def training_pipeline(
     segment_task = _configure(segment(slices=slices, fine_labels=fine_labels, params_json=params_json, **tracking,
                                       **checkpoints), "segment").after(gate_b_task)
     segmenter = segment_task.outputs["segmenter"]
+    refine_task = _configure(refine(slices=slices, coarse_labels=coarse_labels, fine_labels=fine_labels,
+                                    segmenter=segmenter, params_json=params_json, **tracking, **checkpoints),
+                             "refine")
+    refined = refine_task.outputs["refined"]
     evaluate_task = _configure(evaluate(ingested=ingested, slices=slices, coarse_labels=coarse_labels,
-                                        fine_labels=fine_labels, segmenter=segmenter, params_json=params_json,
-                                        **tracking), "evaluate")
-    register_task = _configure(register(ingested=ingested, segmenter=segmenter, params_json=params_json,
+                                        fine_labels=fine_labels, segmenter=segmenter, refined=refined,
+                                        params_json=params_json, **tracking), "evaluate")
+    register_task = _configure(register(ingested=ingested, segmenter=refined, params_json=params_json,
                                         **tracking), "register").after(evaluate_task)
     return TrainingOutputs(evaluation=evaluate_task.outputs["evaluation"],
                            model_version=register_task.outputs["model_version"],

@@ -95,7 +95,7 @@ def trained_tiny(tmp_path_factory: pytest.TempPathFactory) -> TrainedTiny:
     """Run ingest -> evaluate once per session (tracking off) on a tiny real data tree (~40 s on 2 cores)."""
     from helpers import build_tiny_data, tiny_params
 
-    from covseg import stages
+    from covseg.layout import run_all
 
     root = tmp_path_factory.mktemp("trained-tiny")
     data = build_tiny_data(root / "data")
@@ -104,13 +104,5 @@ def trained_tiny(tmp_path_factory: pytest.TempPathFactory) -> TrainedTiny:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("COVSEG_TRACKING", "0")
         mp.setenv("COVSEG_PIPELINE_RUN_ID", "tiny-fixture")  # the segmenter's lineage names this run
-        stages.ingest(data, out / "ingest", params)
-        stages.gate0(out / "ingest", out / "gates" / "gate0.json", params)
-        stages.lungs(out / "ingest", out / "lungs", params)
-        stages.classify(out / "lungs", out / "classify", params, out / "checkpoints")
-        stages.coarse(out / "lungs", out / "classify", out / "coarse", params)
-        stages.mil(out / "lungs", out / "classify", out / "coarse", out / "mil", params, out / "checkpoints")
-        stages.segment(out / "lungs", out / "mil", out / "segment", params, out / "checkpoints")
-        stages.evaluate(out / "ingest", out / "lungs", out / "coarse", out / "mil", out / "segment",
-                        out / "evaluate", params)
+        run_all(out, data, params, until="evaluate")
     return TrainedTiny(data=data, artifacts=out, params=params)

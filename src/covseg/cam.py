@@ -1,7 +1,10 @@
-"""Coarse labels: Grad-CAM (MONAI) of the classifier's lesion logit, restricted to the lungs, thresholded.
+"""Coarse labels: Grad-CAM (MONAI) of the lung-view classifier, one lung at a time, thresholded.
 
-Computed for positive training/validation slices (the pseudo-label set) and for evaluation slices (only
-to report the "coarse labels alone" ablation row; evaluation masks are never read here).
+Each lung of a slice is explained on its own view (`classify.lung_views`), normalised inside that lung and
+weighted by how likely that lung holds a lesion (`side_weights`: the lobe label where the source has one,
+else the classifier's view probability relative to the likelier lung). Otsu's threshold inside the lungs
+of weight >= 0.5 gives the coarse label. Computed for positive training/validation slices (the pseudo-label
+set) and for evaluation slices (only for the "coarse labels alone" row; their masks are never read here).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import pandas as pd
 import torch
 
 from covseg.classify import MODEL as CLASSIFIER
-from covseg.classify import predict_proba
+from covseg.classify import lung_probabilities
 from covseg.nets import SliceClassifier
 from covseg.progress import progress
 from covseg.training import SliceSet, device, load_state
@@ -91,25 +94,47 @@ def cam_rows(index: pd.DataFrame) -> pd.DataFrame:
     return index[positive | (index["split"] == "eval")]
 
 
+def side_weights(rows: pd.DataFrame, lung_proba: np.ndarray) -> np.ndarray:
+    """(N, 2) weight of the right and left lung of each slice: its lobe label where known (1 or 0), else
+    the classifier's view probability over that of the slice's likelier lung (the likelier lung gets 1)."""
+    relative = lung_proba / np.maximum(lung_proba.max(axis=1, keepdims=True), 1e-6)
+    known = [rows[c].to_numpy() if c in rows else np.full(len(rows), -1) for c in ("lesion_right", "lesion_left")]
+    known = np.stack(known, axis=1)
+    return np.where(known >= 0, known, relative).astype(np.float32)
+
+
 def coarse_labels(lungs_dir: str | Path, classify_dir: str | Path, out_dir: str | Path,
                   params: dict[str, Any]) -> pd.DataFrame:
     """Write soft CAM maps + thresholded coarse masks (`coarse.npz`) and per-slice stats (`coarse.parquet`)."""
+    from covseg.lungs import SIDE_LEFT, SIDE_RIGHT
+
     cfg = params["coarse"]
     dev = device()
     slices = SliceSet.for_localisers(lungs_dir, params).to(dev)
     model = load_classifier(classify_dir).to(dev)
     rows = cam_rows(slices.index)
     positions = rows["row"].to_numpy()
+    lung_proba = lung_probabilities(model, slices, positions)
+    weights = side_weights(rows, lung_proba)
     size = slices.images.shape[-1]
     soft = np.zeros((len(slices.index), size, size), dtype=np.float16)
+    region = np.zeros((len(slices.index), size, size), dtype=bool)
     for start in progress(range(0, len(positions), 64), desc="grad-cam", unit="batch"):
         chunk = positions[start:start + 64]
-        maps = grad_cam(model, slices.tensor(chunk), cfg["layer"])
-        soft[chunk] = normalise_in_lung(maps, slices.lungs[chunk])
-    coarse = threshold_maps(soft.astype(np.float32), slices.lungs, positions, cfg["threshold"])
+        combined = np.zeros((len(chunk), size, size), np.float32)
+        for column, side in enumerate((SIDE_RIGHT, SIDE_LEFT)):
+            sides = np.full(len(chunk), side)
+            lung = slices.side_masks(chunk, sides)
+            maps = normalise_in_lung(grad_cam(model, slices.tensor(chunk, sides), cfg["layer"]), lung)
+            weight = weights[start:start + 64, column]
+            combined += maps * weight[:, None, None]
+            region[chunk] |= lung & (weight[:, None, None] >= 0.5)
+        soft[chunk] = combined
+    coarse = threshold_maps(soft.astype(np.float32), region, positions, cfg["threshold"])
     np.savez_compressed(Path(out_dir) / MAPS, cam=soft, coarse=coarse)
     stats = label_stats(slices, coarse, rows)
-    stats["classifier_p"] = predict_proba(model, slices, positions)
+    stats["classifier_p"] = lung_proba.max(axis=1)
+    stats["p_right"], stats["p_left"] = lung_proba[:, 0], lung_proba[:, 1]
     stats.to_parquet(Path(out_dir) / STATS, index=False)
     return stats
 

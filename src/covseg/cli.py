@@ -14,8 +14,11 @@ import click
 from covseg.config import load_params, repo_root
 
 EXIT_BAD_INPUT = 2
-TABLE_ROWS = ("coarse", "fine", "final", "prior")
-"""Rows of the pipeline's evaluation table that the CLI prints (metrics.json holds more)."""
+def table_rows(table: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The Table-1 rows of an evaluation table in print order: coarse, fine, each round, final, prior."""
+    names = ["coarse", "fine", *sorted((k for k in table if k.startswith("round")), key=lambda k: int(k[5:])),
+             "final", "prior"]
+    return {name: table[name] for name in names if name in table}
 
 
 def _friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -93,7 +96,7 @@ def gate0(profile: str | None) -> None:
 
 
 def _stage_paths(params: dict[str, Any]) -> dict[str, Path]:
-    names = ("ingest", "lungs", "classify", "coarse", "mil", "segment", "evaluate", "checkpoints")
+    names = ("ingest", "lungs", "classify", "coarse", "mil", "segment", "refine", "evaluate", "checkpoints")
     return {name: _artifacts(params, name) for name in names}
 
 
@@ -161,7 +164,26 @@ def segment(profile: str | None) -> None:
     result = stages.segment(p["lungs"], p["mil"], p["segment"], params, p["checkpoints"])
     click.echo(f"segmenter trained on {result['n_train']} slices; last loss {result['history'][-1]['loss']:.4f}; "
                f"Dice against the fine labels of {result['n_val_fine']} validation positives "
-               f"{result['val_fine_dice']:.3f}")
+               f"{result['val_fine_dice']:.3f}; in-domain slice AUC "
+               f"{result['in_domain'].get('slice_auc', float('nan')):.3f}")
+
+
+@main.command()
+@profile_option
+@_friendly_errors
+def refine(profile: str | None) -> None:
+    """Refinement rounds: the segmenter's predictions (with prior and localisers) relabel -> artifacts/refine."""
+    from covseg import stages
+
+    params = load_params(profile)
+    p = _stage_paths(params)
+    result = stages.refine(p["lungs"], p["coarse"], p["mil"], p["segment"], p["refine"], params, p["checkpoints"])
+    for record in result["rounds"]:
+        ranking = record.get("in_domain", {})
+        click.echo(f"round {record['round']}: label agreement with the previous round "
+                   f"{record['agreement'] if record['agreement'] is None else round(record['agreement'], 3)}, "
+                   f"in-domain slice AUC {ranking.get('slice_auc', float('nan')):.3f}")
+    click.echo(f"kept round {result['final_round']} (stopped by {result['stopped_by']})")
 
 
 @main.command("gate-a")
@@ -202,15 +224,22 @@ def _table(rows: dict[str, dict[str, Any]]) -> str:
 @profile_option
 @_friendly_errors
 def evaluate_stage(profile: str | None) -> None:
-    """The evaluate stage: Table-1 rows for coarse / fine / final on the evaluation split -> artifacts/evaluate."""
+    """The evaluate stage: Table-1 rows (coarse, fine, each round, final, prior) -> artifacts/evaluate."""
     from covseg import stages
 
     params = load_params(profile)
     p = _stage_paths(params)
-    table = stages.evaluate(p["ingest"], p["lungs"], p["coarse"], p["mil"], p["segment"], p["evaluate"], params)
-    rows = {k: v for k, v in table.items() if k in TABLE_ROWS}
+    table = stages.evaluate(p["ingest"], p["lungs"], p["coarse"], p["mil"], p["segment"], p["refine"],
+                            p["evaluate"], params)
+    rows = table_rows(table)
     click.echo("threshold 0.5\n" + _table(rows))
     click.echo("adaptive (Inf-Net: 2 x mean probability)\n" + _table({k: v["adaptive"] for k, v in rows.items()}))
+    ranking = table.get("in_domain", {})
+    if ranking.get("n_slices"):
+        click.echo(f"in-domain validation ({ranking['n_slices']} HU slices, {ranking['n_positive']} with lesions): "
+                   f"slice AUC of the predicted lesion area {ranking['slice_auc']:.3f} vs HU-band baseline "
+                   f"{ranking['hu_band_auc']:.3f} (lung area {ranking['lung_area_auc']:.3f}); "
+                   f"per-lung AUC {ranking['lung_auc']:.3f}")
 
 
 RENAMED = {"evaluate-pipeline": "evaluate-stage"}
@@ -255,7 +284,7 @@ def register(profile: str | None) -> None:
 
     params = load_params(profile)
     p = _stage_paths(params)
-    result = stages.register(p["ingest"], p["segment"], params)
+    result = stages.register(p["ingest"], p["refine"], params)
     d = result["decision"]
     click.echo(f"{params['register']['name']} v{result['version']}: {d['decision']} ({d['reason']})")
 
@@ -288,7 +317,7 @@ def models() -> None:
 def run(profile: str | None, from_stage: str) -> None:
     """Run the whole pipeline in this process (ingest -> evaluate), printing each stage's summary."""
     ctx = click.get_current_context()
-    order = [ingest, gate0, lungs, classify, coarse, gate_a, mil, gate_b, segment, evaluate_stage, register]
+    order = [ingest, gate0, lungs, classify, coarse, gate_a, mil, gate_b, segment, refine, evaluate_stage, register]
     names = [c.name for c in order]
     from_stage = RENAMED.get(from_stage, from_stage)
     if from_stage not in names:
@@ -365,7 +394,7 @@ def pipeline_run(local: bool, profile: str | None, data_path: str | None, data_v
         plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
         click.echo(f"error: pipeline failed: {plain[-1] if plain else exc}", err=True)
         sys.exit(1)
-    rows = {k: v for k, v in result["evaluation"].items() if k in TABLE_ROWS}
+    rows = table_rows(result["evaluation"])
     click.echo(_table(rows))
     click.echo(f"model version {result['model_version'] or '-'}: {result['decision']}")
 

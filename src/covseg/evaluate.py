@@ -20,7 +20,7 @@ from covseg.ingest import read_manifest
 from covseg.io import SLICE_SUFFIXES, InputError, read_mask, read_slice
 from covseg.metrics import slice_metrics, summarise
 from covseg.mil import LABELS as FINE
-from covseg.mil import lesion_prior
+from covseg.prior import lesion_prior
 from covseg.segment import load_segmenter, segment_canonical
 from covseg.training import SliceSet, device
 
@@ -30,9 +30,11 @@ def _read_mask(ingest_dir: Path, row: pd.Series) -> np.ndarray:
 
 
 def evaluate_pipeline(ingest_dir: str | Path, lungs_dir: str | Path, coarse_dir: str | Path,
-                      mil_dir: str | Path, segment_dir: str | Path, figure: str | Path | None = None,
-                      prior: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Table-1 rows (coarse / fine / final) on the evaluation split, in each slice's own geometry.
+                      mil_dir: str | Path, segment_dir: str | Path, refine_dir: str | Path | None = None,
+                      figure: str | Path | None = None, prior: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Table-1 rows on the evaluation split, in each slice's own geometry: coarse, fine, `round0` (the
+    segmenter stage), each refinement round and `final` (the model the refine stage kept; the segmenter
+    stage's model when there is no `refine_dir`).
 
     With `figure`, also draws the method panel (CT, Grad-CAM, coarse, fine, final, ground truth) there.
     With `prior` (the `fine` parameters), adds the row "prior": the fine labels' intensity prior alone in
@@ -50,11 +52,19 @@ def evaluate_pipeline(ingest_dir: str | Path, lungs_dir: str | Path, coarse_dir:
     # coarse and fine rows score the labels themselves (binary), so both thresholds give the same row
     coarse = coarse_npz["coarse"][positions].astype(np.float32)
     fine = np.load(Path(mil_dir) / FINE)["fine"][positions].astype(np.float32)
-    model = load_segmenter(segment_dir)[0].to(device())
-    final = segment_canonical(model, slices.images[positions], slices.lungs[positions])
+    def predict(model_dir: str | Path) -> np.ndarray:
+        model = load_segmenter(model_dir)[0].to(device())
+        return segment_canonical(model, slices.images[positions], slices.lungs[positions])
+
+    rounds = [("round0", predict(segment_dir))]
+    if refine_dir is not None:
+        from covseg.refine import round_models
+
+        rounds += [(name, predict(folder)) for name, folder in round_models(refine_dir)]
+    final = predict(refine_dir if refine_dir is not None else segment_dir)
     geos = [geometry_of(row) for _, row in rows.iterrows()]
     table = {}
-    rows_to_score = [("coarse", coarse), ("fine", fine), ("final", final)]
+    rows_to_score = [("coarse", coarse), ("fine", fine), *rounds, ("final", final)]
     if prior is not None:
         rows_to_score.append(("prior", (lesion_prior(slices.images[positions], prior)
                                         & slices.lungs[positions]).astype(np.float32)))

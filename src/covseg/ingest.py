@@ -65,6 +65,10 @@ class SliceRow:
     mask_file: str = ""
     role: str = "train"
     split: str = field(default="")
+    lesion_left: int = UNKNOWN
+    """Lesion in the patient's left lung (lobe labels LUL/LLL): 1, 0, or -1 = not labelled per lobe."""
+    lesion_right: int = UNKNOWN
+    """Lesion in the patient's right lung (RUL/RML/RLL): 1, 0, or -1."""
 
 
 def _slice_stats(array: np.ndarray) -> dict[str, float]:
@@ -74,20 +78,62 @@ def _slice_stats(array: np.ndarray) -> dict[str, float]:
             "pix_mean": float(values.mean()), "nan_count": int((~finite).sum())}
 
 
-def _read_labels(path: Path, index_column: str) -> dict[tuple[str, int], int]:
-    """A slice label table: columns case, <index_column>, lesion -> {(case, index): lesion}."""
+LOBES = {"left": ("lesion_LUL", "lesion_LLL"), "right": ("lesion_RUL", "lesion_RML", "lesion_RLL")}
+"""Lobe label columns of a slice label table, by the patient's lung they belong to."""
+
+
+@dataclass(frozen=True)
+class SliceLabel:
+    """A slice's weak labels: the slice label, and per lung when the table has lobe columns (else -1)."""
+
+    lesion: int
+    left: int = UNKNOWN
+    right: int = UNKNOWN
+
+
+def _lung_labels(row: dict[str, str], lesion: int, where: str) -> tuple[int, int]:
+    """(left, right) lung labels from the lobe columns of one row; refuses a row that contradicts itself."""
+    sides = []
+    for lobes in LOBES.values():
+        values = [int(row[c]) for c in lobes]
+        if any(v not in (0, 1) for v in values):
+            raise ValueError(f"{where}: lobe labels must be 0 or 1, got {values}")
+        sides.append(max(values))
+    if max(sides) != lesion:
+        raise ValueError(f"{where}: lesion={lesion} but the lobe columns say {max(sides)} "
+                         "(a slice with a lesion needs a lobe with one, and a clean slice clean lobes)")
+    return sides[0], sides[1]
+
+
+def _read_labels(path: Path, index_column: str) -> dict[tuple[str, int], SliceLabel]:
+    """A slice label table: columns case, <index_column>, lesion, optionally all five lobe columns
+    (`lesion_LUL` ... `lesion_RLL`) -> {(case, index): SliceLabel}."""
     if not path.is_file():
         raise InputError(path, "slice label table not found")
-    labels: dict[tuple[str, int], int] = {}
+    labels: dict[tuple[str, int], SliceLabel] = {}
     with open(path, newline="") as handle:
-        for number, row in enumerate(csv.DictReader(handle), start=2):
+        reader = csv.DictReader(handle)
+        lobe_columns = [c for lobes in LOBES.values() for c in lobes]
+        present = [c for c in lobe_columns if c in (reader.fieldnames or [])]
+        if present and len(present) != len(lobe_columns):
+            missing = sorted(set(lobe_columns) - set(present))
+            raise InputError(path, f"lobe label columns are all or none; missing {missing}")
+        for number, row in enumerate(reader, start=2):
             try:
-                labels[(row["case"], int(row[index_column]))] = lesion = int(row["lesion"])
+                lesion = int(row["lesion"])
+                key = (row["case"], int(row[index_column]))
             except (KeyError, TypeError, ValueError) as exc:
                 raise InputError(path, f"line {number}: needs columns case, {index_column}, lesion "
                                        f"with integer values ({exc})") from exc
             if lesion not in (0, 1):
                 raise InputError(path, f"line {number}: lesion must be 0 or 1, got {lesion}")
+            if not present:
+                labels[key] = SliceLabel(lesion)
+                continue
+            try:
+                labels[key] = SliceLabel(lesion, *_lung_labels(row, lesion, f"line {number}"))
+            except (TypeError, ValueError) as exc:
+                raise InputError(path, str(exc)) from exc
     return labels
 
 
@@ -109,7 +155,8 @@ def _dicom_rows(dataset: str, folder: Path, cfg: dict[str, Any], out: Path,
             if label is None:
                 raise InputError(dcm, f"no label for case {case.name} instance {instance} in {labels_path.name}")
             yield SliceRow(case_id=f"{dataset}__{case.name}__{z:04d}", dataset=dataset, source=dataset,
-                           volume_id=f"{dataset}__{case.name}", slice_index=z, label=label, domain="hu",
+                           volume_id=f"{dataset}__{case.name}", slice_index=z, label=label.lesion,
+                           lesion_left=label.left, lesion_right=label.right, domain="hu",
                            spacing_x=sx, spacing_y=sy, spacing_z=sz, height=array.shape[1],
                            width=array.shape[2], file=rel, z=z, sha256=sha256_file(dcm), raw_path=str(dcm),
                            role=cfg["role"], **_slice_stats(array[z]))
@@ -130,9 +177,10 @@ def _nifti_rows(dataset: str, folder: Path, cfg: dict[str, Any], out: Path) -> I
         sx, sy, sz = image.GetSpacing()
         digest = sha256_file(path)
         for z in range(array.shape[0]):
+            label = labels.get((name, z), SliceLabel(UNKNOWN))
             yield SliceRow(case_id=f"{dataset}__{name}__{z:04d}", dataset=dataset, source=dataset,
-                           volume_id=f"{dataset}__{name}", slice_index=z,
-                           label=labels.get((name, z), UNKNOWN), domain="hu", spacing_x=sx, spacing_y=sy,
+                           volume_id=f"{dataset}__{name}", slice_index=z, label=label.lesion,
+                           lesion_left=label.left, lesion_right=label.right, domain="hu", spacing_x=sx, spacing_y=sy,
                            spacing_z=sz, height=array.shape[1], width=array.shape[2], file=rel, z=z,
                            sha256=f"{digest}:{z}", raw_path=str(path), role=cfg["role"],
                            **_slice_stats(array[z]))

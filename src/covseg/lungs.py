@@ -419,6 +419,32 @@ def _segment(image: np.ndarray, domain: str) -> tuple[np.ndarray, np.ndarray]:
     return body, lung
 
 
+SIDE_RIGHT, SIDE_LEFT = 1, 2
+"""Values of `split_sides`: the patient's right lung lies on the image's left in the radiological view."""
+
+
+def split_sides(lung: np.ndarray) -> np.ndarray:
+    """Label each lung pixel of a slice in the radiological view (anterior up) by side: `SIDE_RIGHT` on
+    the image's left half, `SIDE_LEFT` on its right, 0 outside the lungs.
+
+    The cut is the emptiest lung column (the mediastinum, smoothed over 5 columns) in the middle 40 % of
+    the lungs' width; two lungs that touch are still split there. A mask without lung gives all zeros.
+    """
+    lung = np.asarray(lung, dtype=bool)
+    sides = np.zeros(lung.shape, dtype=np.uint8)
+    columns = lung.sum(axis=0).astype(float)
+    filled = np.nonzero(columns)[0]
+    if filled.size == 0:
+        return sides
+    lo, hi = int(filled[0]), int(filled[-1]) + 1
+    smooth = np.convolve(columns, np.ones(5) / 5, mode="same")
+    middle = np.arange(lo + int(0.3 * (hi - lo)), max(lo + int(0.7 * (hi - lo)), lo + int(0.3 * (hi - lo)) + 1))
+    cut = int(middle[np.argmin(smooth[middle])])
+    sides[:, :cut][lung[:, :cut]] = SIDE_RIGHT
+    sides[:, cut:][lung[:, cut:]] = SIDE_LEFT
+    return sides
+
+
 def lesion_coverage(lung_mask: np.ndarray, lesion_mask: np.ndarray) -> float:
     """Fraction of lesion pixels inside the lung mask (1.0 if there is no lesion)."""
     lesion = np.asarray(lesion_mask, dtype=bool)

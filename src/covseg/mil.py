@@ -1,12 +1,14 @@
 """MIL refinement of the coarse labels: 5x5 patch instances per slice, bags = slices, easy -> hard.
 
-Each slice is cut into a `grid` x `grid` lattice of patches (the instances); the bag label is the slice
-label (positive slices vs lesion-free slices). The MIL network shares its encoder with the classifier
+Each bag is a lung view (`classify.training_views`: one lung of a slice from a source holding both labels,
+labelled by the lobe columns) cut into a `grid` x `grid` lattice of patches (the instances). The MIL network shares its encoder with the classifier
 (it starts from the classifier's weights: "dual-task mutual"), scores each instance, and pools them with
 attention + max. Curriculum: bags are ranked by the classifier's confidence (easy = confidently right);
 epoch e trains on the easiest share `start + (1 - start) * e / (epochs - 1)` of each class. The schedule
-is logged. Fine labels = sqrt(Grad-CAM x patch score) >= threshold  AND  the lesion-intensity prior
-(`lesion_prior`: denser than healthy lung, not a vessel, not soft tissue; fixed constants, no mask).
+is logged. Fine labels = the lesion-intensity prior (`prior.lesion_prior`) in the lungs the weak labels
+allow (`prior.allowed_lungs`), optionally gated by the localisers (`mil.fusion`: 'soft' sqrt(Grad-CAM x
+patch score) >= threshold, 'hard' Otsu coarse AND patch score, 'none' no gate). The patch scores are kept
+(`instance`) as evidence for the refinement rounds (`refine`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import torch.nn.functional as F
 from covseg.cam import MAPS as CAM_MAPS
 from covseg.cam import STATS as CAM_STATS
 from covseg.cam import label_stats, load_classifier
-from covseg.classify import predict_logits
+from covseg.classify import predict_logits, training_views
 from covseg.nets import MILNet
+from covseg.prior import allowed_lungs, lesion_prior
 from covseg.training import (
     SliceSet,
     autocast,
@@ -81,37 +84,17 @@ def bag_difficulty(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.where(labels == 1, -logits, logits).astype(np.float64)
 
 
-def lesion_prior(images: np.ndarray, fine: dict[str, Any]) -> np.ndarray:
-    """Pixels whose local density looks like lesion, on the harmonised scale (lung 0.1, body 0.6).
-
-    A grey opening (SimpleITK, disk of `open_radius_frac` of the slice side: 1 px at 128, 2 px at 256, about
-    2-3 mm) erases structures thinner than the disk, i.e. vessels, which are as dense as consolidation; what
-    survives must lie in [min_intensity, max_intensity): from ground glass (~ -670 HU) to just under the body
-    reference level, which drops mediastinum and chest wall that the generous lung mask takes in.
-    """
-    import SimpleITK as sitk
-
-    images = np.asarray(images, dtype=np.float32)
-    if images.size == 0:
-        return np.zeros(images.shape, dtype=bool)
-    radius = max(0, round(fine["open_radius_frac"] * images.shape[-1]))
-    opened = images
-    if radius:
-        volume = sitk.GetImageFromArray(images.reshape(-1, *images.shape[-2:]))
-        opened = sitk.GetArrayFromImage(sitk.GrayscaleMorphologicalOpening(
-            volume, kernelRadius=[radius, radius, 0], kernelType=sitk.sitkBall)).reshape(images.shape)
-    return (opened >= fine["min_intensity"]) & (opened < fine["max_intensity"])
-
-
 @torch.no_grad()
-def score_instances(model: MILNet, slices: SliceSet, rows: np.ndarray, cfg: dict[str, Any]) -> np.ndarray:
-    """(N, grid*grid) instance probabilities (invalid instances get 0)."""
+def score_instances(model: MILNet, slices: SliceSet, rows: np.ndarray, cfg: dict[str, Any],
+                    sides: np.ndarray | None = None) -> np.ndarray:
+    """(N, grid*grid) instance probabilities of views (whole slices without `sides`; invalid get 0)."""
     dev = next(model.parameters()).device
     model.eval()
     out = []
     for start in range(0, len(rows), 32):
         chunk = rows[start:start + 32]
-        patches, valid = to_patches(slices.tensor(chunk).to(dev), slices.lung_tensor(chunk).to(dev),
+        part = None if sides is None else sides[start:start + 32]
+        patches, valid = to_patches(slices.tensor(chunk, part).to(dev), slices.lung_tensor(chunk, part).to(dev),
                                     cfg["grid"], cfg["patch"])
         with autocast(dev):
             _, instance = model(patches.to(dev), valid.to(dev))
@@ -129,9 +112,9 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
     out_dir, checkpoint_dir = Path(out_dir), Path(checkpoint_dir)
     classifier = load_classifier(classify_dir).to(dev)
     min_lung = params["classify"]["min_lung_fraction"]
-    bags = slices.rows("train", min_lung)
-    bag_rows, bag_labels = bags["row"].to_numpy(), bags["label"].to_numpy()
-    difficulty = bag_difficulty(predict_logits(classifier, slices, bag_rows), bag_labels)
+    bags = training_views(slices, "train", min_lung)
+    bag_rows, bag_sides, bag_labels = bags["row"].to_numpy(), bags["side"].to_numpy(), bags["label"].to_numpy()
+    difficulty = bag_difficulty(predict_logits(classifier, slices, bag_rows, bag_sides), bag_labels)
 
     model = MILNet(width=params["classify"]["width"]).to(dev)
     if cfg["init"] == "classifier":  # the shared encoder: what the classifier learned seeds the MIL
@@ -150,10 +133,10 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
         weights = np.where(labels == 1, 1.0 / max(labels.sum(), 1), 1.0 / max((1 - labels).sum(), 1))
         losses = []
         for chosen in batches(len(active), cfg["batch_size"], weights, rng, cfg["draws_per_epoch"]):
-            picked = bag_rows[active[chosen]]
-            x = slices.tensor(picked).to(dev)  # resident: no copy
+            picked, picked_sides = bag_rows[active[chosen]], bag_sides[active[chosen]]
+            x = slices.tensor(picked, picked_sides).to(dev)  # resident: no copy
             flip = rng.random() < 0.5
-            lung = slices.lung_tensor(picked).to(dev)
+            lung = slices.lung_tensor(picked, picked_sides).to(dev)
             if flip:
                 x, lung = x.flip(-1), lung.flip(-1)
             patches, valid = to_patches(x, lung, cfg["grid"], cfg["patch"])
@@ -180,40 +163,42 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
 
 
 def mil_quality(model: MILNet, slices: SliceSet, params: dict[str, Any]) -> dict[str, float]:
-    """Mask-free quality on the validation split: bag accuracy, and instance accuracy on negative bags
-    (every instance of a lesion-free slice is negative, so that one is known without pixel labels)."""
+    """Mask-free quality on the validation views: bag AUC and accuracy, and instance accuracy on negative
+    views (every instance of a clean lung is negative, so that one is known without pixel labels)."""
+    from covseg.classify import roc_auc
+
     cfg = params["mil"]
-    val = slices.rows("val", params["classify"]["min_lung_fraction"])
-    rows, labels = val["row"].to_numpy(), val["label"].to_numpy()
-    probs = score_instances(model, slices, rows, cfg)
-    bag_pred = (probs.max(axis=1) >= 0.5).astype(int)
-    neg_rows, negative = rows[labels == 0], probs[labels == 0]
-    lung = slices.lungs[neg_rows]
-    _, valid = to_patches(slices.tensor(neg_rows), slices.lung_tensor(neg_rows), cfg["grid"], cfg["patch"])
+    val = training_views(slices, "val", params["classify"]["min_lung_fraction"])
+    rows, sides, labels = val["row"].to_numpy(), val["side"].to_numpy(), val["label"].to_numpy()
+    probs = score_instances(model, slices, rows, cfg, sides)
+    bag_score = probs.max(axis=1) if len(probs) else np.zeros(0)
+    negative = labels == 0
+    _, valid = to_patches(slices.tensor(rows[negative], sides[negative]),
+                          slices.lung_tensor(rows[negative], sides[negative]), cfg["grid"], cfg["patch"])
     valid = valid.cpu().numpy()
-    # the fine-label rule on lesion-free slices, Grad-CAM taken as 1 in the lung (they get no CAM): the most
-    # permissive reading, and every pixel it keeps is wrong
-    kept = fuse(lung.astype(np.float32), lung, instance_map(negative, cfg["grid"], lung.shape[-1]), cfg) & lung
-    kept &= lesion_prior(slices.images[neg_rows], params["fine"])
-    return {"val_bag_accuracy": float((bag_pred == labels).mean()) if len(labels) else float("nan"),
-            "val_negative_instance_accuracy": float((negative[valid] < 0.5).mean()) if valid.any() else float("nan"),
-            "val_negative_label_area": float(kept.sum() / max(lung.sum(), 1))}
+    return {"val_bag_auc": roc_auc(bag_score, labels),
+            "val_bag_accuracy": float(((bag_score >= 0.5) == labels).mean()) if len(labels) else float("nan"),
+            "val_negative_instance_accuracy": float((probs[negative][valid] < 0.5).mean()) if valid.any()
+            else float("nan")}
 
 
 def fuse(cam: np.ndarray, coarse: np.ndarray, instance: np.ndarray, cfg: dict[str, Any]) -> np.ndarray:
-    """Where the two weak localisers agree: 'soft' = sqrt(Grad-CAM x instance score) >= threshold (the
-    DESIGN's "instance scores x coarse map"), 'hard' = Otsu coarse label AND instance score >= threshold."""
+    """The localisers' gate on the fine labels: 'soft' = sqrt(Grad-CAM x instance score) >= threshold (the
+    DESIGN's "instance scores x coarse map"), 'hard' = Otsu coarse label AND instance score >= threshold,
+    'none' = no gate (the prior in the allowed lungs alone; the localisers act in the refinement rounds)."""
     if cfg["fusion"] == "soft":
         return np.sqrt(cam * instance) >= cfg["threshold"]
     if cfg["fusion"] == "hard":
         return coarse & (instance >= cfg["threshold"])
-    raise ValueError(f"mil.fusion must be 'soft' or 'hard', got {cfg['fusion']!r}")
+    if cfg["fusion"] == "none":
+        return np.ones(cam.shape, dtype=bool)
+    raise ValueError(f"mil.fusion must be 'soft', 'hard' or 'none', got {cfg['fusion']!r}")
 
 
 def fine_labels(model: MILNet, slices: SliceSet, coarse_dir: str | Path, out_dir: Path,
                 params: dict[str, Any]) -> tuple[pd.DataFrame, float]:
-    """Fine labels for every slice that has a coarse label: MIL instance score x coarse map, AND the lesion
-    prior, inside the lung (`mil.fusion`: 'soft' uses the Grad-CAM map itself, 'hard' its Otsu label).
+    """Fine labels for every slice that has a coarse label: the lesion prior in the allowed lungs, gated by
+    the localisers as `mil.fusion` says; the patch-score maps are stored too (`instance`, float16).
 
     Also returns the two localisers' agreement on the validation positives (`localiser_agreement`)."""
     cfg, size = params["mil"], slices.images.shape[-1]
@@ -221,11 +206,14 @@ def fine_labels(model: MILNet, slices: SliceSet, coarse_dir: str | Path, out_dir
     rows = pd.read_parquet(Path(coarse_dir) / CAM_STATS)["row"].to_numpy()
     probs = score_instances(model, slices, rows, cfg)
     cam, instance = maps["cam"][rows].astype(np.float32), instance_map(probs, cfg["grid"], size)
-    prior = lesion_prior(slices.images[rows], params["fine"]) & slices.lungs[rows]
+    info = slices.index.set_index("row").loc[rows].reset_index()
+    allowed = allowed_lungs(slices.lungs[rows], slices.sides[rows], info)
+    prior = lesion_prior(slices.images[rows], params["fine"]) & allowed
     fine = np.zeros_like(maps["coarse"])
     fine[rows] = fuse(cam, maps["coarse"][rows], instance, cfg) & prior
-    np.savez_compressed(out_dir / LABELS, fine=fine, instance_prob=probs, rows=rows)
-    info = slices.index.set_index("row").loc[rows].reset_index()
+    instance_full = np.zeros(fine.shape, dtype=np.float16)
+    instance_full[rows] = instance * slices.lungs[rows]
+    np.savez_compressed(out_dir / LABELS, fine=fine, instance=instance_full, instance_prob=probs, rows=rows)
     stats = label_stats(slices, fine, info)
     stats.to_parquet(out_dir / STATS, index=False)
     val = ((info["split"] == "val") & (info["label"] == 1)).to_numpy()

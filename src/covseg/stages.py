@@ -85,19 +85,45 @@ def segment(lungs_dir: str | Path, mil_dir: str | Path, out_dir: str | Path, par
     with tracking.stage_run("segment", params, "segment") as run, atomic_dir(out_dir) as scratch:
         result = train_segmenter(lungs_dir, mil_dir, scratch, params, checkpoint_dir, tracking.lineage(params))
         _write_json(scratch / "metrics.json", result)
-        tracking.log_metrics(run, {"val_fine_dice": result["val_fine_dice"]})
+        tracking.log_metrics(run, {"val_fine_dice": result["val_fine_dice"], "in_domain": result["in_domain"]})
         tracking.log_history(run, result["history"], "segment")
     return result
 
 
+def refine(lungs_dir: str | Path, coarse_dir: str | Path, mil_dir: str | Path, segment_dir: str | Path,
+           out_dir: str | Path, params: dict[str, Any], checkpoint_dir: str | Path) -> dict:
+    """Refinement rounds after the segmenter (`round<r>/`, the final `segmenter.pt`, `rounds.json`)."""
+    from covseg.refine import refine as run_rounds
+
+    with tracking.stage_run("refine", params, "refine") as run, atomic_dir(out_dir) as scratch:
+        result = run_rounds(lungs_dir, coarse_dir, mil_dir, segment_dir, scratch, params, checkpoint_dir,
+                            tracking.lineage(params))
+        tracking.log_metrics(run, {"in_domain": result["in_domain"], "final_round": float(result["final_round"])})
+        for record in result["rounds"]:
+            if "in_domain" in record:
+                tracking.log_metrics(run, {f"round{record['round']}": record["in_domain"]})
+    return result
+
+
 def evaluate(ingest_dir: str | Path, lungs_dir: str | Path, coarse_dir: str | Path, mil_dir: str | Path,
-             segment_dir: str | Path, out_dir: str | Path, params: dict[str, Any]) -> dict:
-    """Table-1 rows (coarse / fine / final) on the evaluation slices (`metrics.json`)."""
+             segment_dir: str | Path, refine_dir: str | Path | None, out_dir: str | Path,
+             params: dict[str, Any]) -> dict:
+    """Table-1 rows (coarse / fine / each round / final / prior) on the evaluation slices, and the final
+    model's in-domain slice ranking beside the HU-band baseline (`metrics.json`)."""
+    import json
+
     from covseg.evaluate import evaluate_pipeline
 
     with tracking.stage_run("evaluate", params) as run, atomic_dir(out_dir) as scratch:
-        table = evaluate_pipeline(ingest_dir, lungs_dir, coarse_dir, mil_dir, segment_dir, scratch / "panel.png",
-                                  prior=params["fine"])
+        table = evaluate_pipeline(ingest_dir, lungs_dir, coarse_dir, mil_dir, segment_dir, refine_dir,
+                                  scratch / "panel.png", prior=params["fine"])
+        if refine_dir is not None:
+            from covseg.refine import ROUNDS
+
+            table["in_domain"] = json.loads((Path(refine_dir) / ROUNDS).read_text())["in_domain"]
+        else:
+            table["in_domain"] = json.loads((Path(segment_dir) / "metrics.json").read_text()).get("in_domain", {}) \
+                if (Path(segment_dir) / "metrics.json").is_file() else {}
         _write_json(scratch / "metrics.json", table)
         tracking.log_metrics(run, table)
         if run is not None:
@@ -108,13 +134,14 @@ def evaluate(ingest_dir: str | Path, lungs_dir: str | Path, coarse_dir: str | Pa
 
 
 def gate_a(classify_dir: str | Path, coarse_dir: str | Path, report: str | Path, params: dict[str, Any]) -> dict:
-    """Gate A between coarse and fine labels: coarse-label statistics + classifier validation AUC floor."""
+    """Gate A between coarse and fine labels: coarse-label statistics + the floor on the classifier's
+    validation AUC over lung views (same scanner, both labels: the AUC that cannot be won by the source)."""
     import json
 
     from covseg.cam import STATS
 
     stats = pd.read_parquet(Path(coarse_dir) / STATS)
-    auc = json.loads((Path(classify_dir) / "metrics.json").read_text())["val_auc"]["all"]
+    auc = json.loads((Path(classify_dir) / "metrics.json").read_text())["val_auc"]["lung"]
     tables = gates.label_gate_tables(stats, {"classifier_val_auc": auc})
     return gates.run_gate("gate_a", tables, gates.label_gate_checks(params["gate_a"]), report)
 

@@ -41,7 +41,11 @@ def autocast(dev: torch.device) -> contextlib.AbstractContextManager:
 
 @dataclass
 class SliceSet:
-    """The canonical slices of the lungs stage: images (N,S,S) float32, lungs (N,S,S) bool, the index."""
+    """The canonical slices of the lungs stage: images (N,S,S) float32, lungs (N,S,S) bool, the index, and
+    the lung sides (N,S,S) uint8 (`lungs.split_sides`: 1 = patient's right lung, 2 = left, 0 = no lung).
+
+    A *view* of a slice is (row, side): side 0 is the whole slice, side 1 or 2 one lung alone (the other
+    shown as outside the lungs). One-lung views carry lobe-level weak labels (`lung_views`)."""
 
     images: np.ndarray
     lungs: np.ndarray
@@ -55,14 +59,17 @@ class SliceSet:
     lung level (`classify.outside_fill: 0.1`) the lung border is no edge and the lung's outline no shape:
     Grad-CAM on zero-filled inputs followed the border (correlation of CAM with depth into the lung -0.51 on
     medseg-100, -0.27 with the fill), and MIL patches on the border were mostly edge."""
-    _resident: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
+    sides: np.ndarray | None = None
+    _resident: tuple[torch.Tensor, ...] | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def load(cls, lungs_dir: str | Path, tissue_ceiling: float | None = None, fill: float = 0.0) -> SliceSet:
         lungs_dir = Path(lungs_dir)
         arrays = np.load(lungs_dir / SLICES)
-        return cls(arrays["image"].astype(np.float32), arrays["lung"], pd.read_parquet(lungs_dir / INDEX),
-                   tissue_ceiling, fill)
+        lungs = arrays["lung"]
+        sides = arrays["side"] if "side" in arrays.files else np.where(lungs, 1, 0).astype(np.uint8)
+        return cls(arrays["image"].astype(np.float32), lungs, pd.read_parquet(lungs_dir / INDEX),
+                   tissue_ceiling, fill, sides)
 
     @classmethod
     def for_localisers(cls, lungs_dir: str | Path, params: dict[str, Any]) -> SliceSet:
@@ -77,28 +84,58 @@ class SliceSet:
         training loops on the H100 were bound by that, bench/README.md; only the batch's row indices travel,
         see `device_index`). Returns self."""
         self._resident = (torch.from_numpy(self._masked(self.images, self.lungs)).to(dev),
-                          torch.from_numpy(self.lungs).to(dev))
+                          torch.from_numpy(self.lungs).to(dev), torch.from_numpy(self._sides()).to(dev))
         return self
+
+    def _sides(self) -> np.ndarray:
+        return self.sides if self.sides is not None else self.lungs.astype(np.uint8)
+
+    def side_masks(self, rows: np.ndarray, sides: np.ndarray) -> np.ndarray:
+        """(B,S,S) bool: the lung pixels each view shows (side 0: both lungs)."""
+        lungs, side_map = self.lungs[rows], self._sides()[rows]
+        sides = np.asarray(sides)[:, None, None]
+        return lungs & ((sides == 0) | (side_map == sides))
 
     def rows(self, split: str, min_lung_fraction: float = 0.0) -> pd.DataFrame:
         """Index rows of one split whose lung mask covers at least `min_lung_fraction` of the slice."""
         sel = (self.index["split"] == split) & (self.index["lung_fraction"] >= min_lung_fraction)
         return self.index[sel]
 
-    def tensor(self, rows: np.ndarray) -> torch.Tensor:
-        """(B,1,S,S) float tensor of the lung-masked images of `rows` (soft tissue zeroed, see tissue_ceiling),
-        on the device given to `to` (else the CPU)."""
+    def tensor(self, rows: np.ndarray, sides: np.ndarray | None = None) -> torch.Tensor:
+        """(B,1,S,S) float tensor of the lung-masked images of `rows` (soft tissue hidden, see tissue_ceiling),
+        on the device given to `to` (else the CPU). With `sides`, the views: a one-lung view shows the other
+        lung as outside the lungs."""
         if self._resident is not None:
-            images = self._resident[0]
-            return images[device_index(rows, images.device)][:, None]
-        return torch.from_numpy(self._masked(self.images[rows], self.lungs[rows]))[:, None]
+            images, _, side_map = self._resident
+            index = device_index(rows, images.device)
+            x = images[index][:, None]
+            if sides is None:
+                return x
+            chosen = torch.as_tensor(np.asarray(sides), device=images.device)[:, None, None, None]
+            hide = (chosen > 0) & (side_map[index][:, None] != chosen)
+            return torch.where(hide, torch.full_like(x, self._hidden_value()), x)
+        x = self._masked(self.images[rows], self.lungs[rows])
+        if sides is not None:
+            x = np.where(self.side_masks(rows, sides) | (np.asarray(sides)[:, None, None] == 0), x,
+                         self._hidden_value()).astype(np.float32)
+        return torch.from_numpy(x)[:, None]
 
-    def lung_tensor(self, rows: np.ndarray) -> torch.Tensor:
-        """(B,1,S,S) bool lung masks of `rows`, on the device given to `to` (else the CPU)."""
+    def lung_tensor(self, rows: np.ndarray, sides: np.ndarray | None = None) -> torch.Tensor:
+        """(B,1,S,S) bool lung masks of `rows` (of the views, with `sides`), on the device given to `to`."""
         if self._resident is not None:
-            lungs = self._resident[1]
-            return lungs[device_index(rows, lungs.device)][:, None]
-        return torch.from_numpy(self.lungs[rows])[:, None]
+            _, lungs, side_map = self._resident
+            index = device_index(rows, lungs.device)
+            mask = lungs[index][:, None]
+            if sides is None:
+                return mask
+            chosen = torch.as_tensor(np.asarray(sides), device=lungs.device)[:, None, None, None]
+            return mask & ((chosen == 0) | (side_map[index][:, None] == chosen))
+        if sides is None:
+            return torch.from_numpy(self.lungs[rows])[:, None]
+        return torch.from_numpy(self.side_masks(rows, sides))[:, None]
+
+    def _hidden_value(self) -> float:
+        return self.fill if self.tissue_ceiling is not None else 0.0
 
     def _masked(self, images: np.ndarray, lungs: np.ndarray) -> np.ndarray:
         if self.tissue_ceiling is None:
