@@ -1,7 +1,7 @@
-"""Seed spread of the weak chain: classify -> coarse -> MIL -> segment -> evaluate, once per seed.
+"""Seed spread of the weak chain: classify -> coarse -> MIL -> segment -> refine -> evaluate, once per seed.
 
 One `medseg-100` figure from one seed says little: the same quick configuration gave final Dice 0.375 with
-one seed and 0.441 with another. This runs the pipeline's own stage functions (`covseg.stages`, no tracking)
+one seed and 0.441 with another. This runs the pipeline's own stage table (`covseg.layout`, no tracking)
 for each seed, with optional parameter overrides, on one set of harmonised slices, and prints the Table-1
 Dice of every row per seed plus the mask-free signals, with mean and spread.
 
@@ -23,29 +23,24 @@ from pathlib import Path
 
 import numpy as np
 
-ROWS = ("coarse", "fine", "final", "prior")
+ROWS = ("coarse", "fine", "round0", "final", "prior")
 
 
 def run_seed(params: dict, lungs: Path, ingest: Path, out: Path) -> dict:
     """The chain for one parameter set into `out`; returns the evaluation table, mask-free signals, times."""
-    from covseg import stages
+    from covseg.layout import run_stage
 
-    times: dict[str, float] = {}
-
-    def timed(name: str, fn, *args):  # noqa: ANN001, ANN202
+    out.mkdir(parents=True, exist_ok=True)
+    for name, source in (("ingest", ingest), ("lungs", lungs)):  # shared inputs, linked not rebuilt
+        if not (out / name).exists():
+            (out / name).symlink_to(source.resolve())
+    times, results = {}, {}
+    for name in ("classify", "coarse", "mil", "segment", "refine", "evaluate"):
         start = time.perf_counter()
-        result = fn(*args)
+        results[name] = run_stage(name, out, "data", params)
         times[name] = round(time.perf_counter() - start, 1)
-        return result
-
-    ckpt = out / "checkpoints"
-    classified = timed("classify", stages.classify, lungs, out / "classify", params, ckpt)
-    timed("coarse", stages.coarse, lungs, out / "classify", out / "coarse", params)
-    refined = timed("mil", stages.mil, lungs, out / "classify", out / "coarse", out / "mil", params, ckpt)
-    timed("segment", stages.segment, lungs, out / "mil", out / "segment", params, ckpt)
-    table = timed("evaluate", stages.evaluate, ingest, lungs, out / "coarse", out / "mil", out / "segment",
-                  out / "evaluate", params)
-    return {"table": table, "val_auc": classified["val_auc"]["all"], "mil": refined["quality"], "seconds": times}
+    return {"table": results["evaluate"], "val_auc": results["classify"]["val_auc"],
+            "mil": results["mil"]["quality"], "in_domain": results["refine"]["in_domain"], "seconds": times}
 
 
 def main() -> None:
@@ -72,7 +67,9 @@ def main() -> None:
         params = {**base, "seed": seed}
         runs[seed] = run_seed(params, lungs, args.ingest, args.out / f"seed-{seed}")
         dice = {row: round(runs[seed]["table"][row]["dice"], 3) for row in ROWS}
-        print(f"seed {seed}: Dice {dice}, val AUC {runs[seed]['val_auc']:.3f}, MIL {runs[seed]['mil']}")
+        in_domain = runs[seed]["in_domain"]
+        print(f"seed {seed}: Dice {dice}, val AUC {runs[seed]['val_auc']}, in-domain slice AUC "
+              f"{in_domain.get('slice_auc', float('nan')):.3f} (HU band {in_domain.get('hu_band_auc', float('nan')):.3f})")
     summary = {}
     for row in ROWS:
         values = np.array([r["table"][row]["dice"] for r in runs.values()])

@@ -114,5 +114,5 @@ def refine(lungs_dir: str | Path, coarse_dir: str | Path, mil_dir: str | Path, s
 
 def round_models(refine_dir: str | Path) -> list[tuple[str, Path]]:
     """(row name, model folder) of every trained round of a refine output, in order."""
-    folders = sorted(Path(refine_dir).glob("round*"), key=lambda p: int(p.name[5:]))
-    return [(p.name, p) for p in folders if (p / MODEL).is_file()]
+    folders = [p for p in Path(refine_dir).glob("round*") if p.name[5:].isdigit() and (p / MODEL).is_file()]
+    return [(p.name, p) for p in sorted(folders, key=lambda p: int(p.name[5:]))]

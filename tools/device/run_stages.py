@@ -74,7 +74,7 @@ def main() -> int:
     overrides = json.loads(args.overrides) if args.overrides.strip() else None
     params = load_params(args.profile, overrides=overrides)
     art = work / "artifacts"
-    paths = {name: art / name for name in ("classify", "coarse", "mil", "segment", "evaluate", "gates")}
+    paths = {name: art / name for name in ("classify", "coarse", "mil", "segment", "refine", "evaluate", "gates")}
     lungs, ingest, checkpoints = work / "lungs", work / "ingest", work / "checkpoints"
 
     index_size = __import__("numpy").load(lungs / "slices.npz")["image"].shape[-1]
@@ -119,8 +119,10 @@ def main() -> int:
         "mil": lambda: stages.mil(lungs, paths["classify"], paths["coarse"], paths["mil"], params, checkpoints),
         "gate_b": lambda: stages.gate_b(paths["mil"], paths["gates"] / "gate_b.json", params),
         "segment": lambda: stages.segment(lungs, paths["mil"], paths["segment"], params, checkpoints),
+        "refine": lambda: stages.refine(lungs, paths["coarse"], paths["mil"], paths["segment"], paths["refine"],
+                                        params, checkpoints),
         "evaluate": lambda: stages.evaluate(ingest, lungs, paths["coarse"], paths["mil"], paths["segment"],
-                                            paths["evaluate"], params),
+                                            paths["refine"], paths["evaluate"], params),
     }
     loops: list[dict] = []
     instrument_fit(loops)
