@@ -243,6 +243,8 @@ def evaluate_stage(profile: str | None) -> None:
 
 
 RENAMED = {"evaluate-pipeline": "evaluate-stage"}
+STAGE_COMMANDS = {"evaluate": "evaluate-stage"}
+"""CLI command of a stage whose name is not its `covseg.layout` name with `_` -> `-`."""
 """Old command names, kept as hidden aliases that print a one-line deprecation notice."""
 
 
@@ -316,8 +318,10 @@ def models() -> None:
 @_friendly_errors
 def run(profile: str | None, from_stage: str) -> None:
     """Run the whole pipeline in this process (ingest -> evaluate), printing each stage's summary."""
+    from covseg.layout import STAGES
+
     ctx = click.get_current_context()
-    order = [ingest, gate0, lungs, classify, coarse, gate_a, mil, gate_b, segment, refine, evaluate_stage, register]
+    order = [main.commands[STAGE_COMMANDS.get(s.name, s.name.replace("_", "-"))] for s in STAGES]
     names = [c.name for c in order]
     from_stage = RENAMED.get(from_stage, from_stage)
     if from_stage not in names:
