@@ -48,8 +48,13 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, region: torch.Ten
 
 def training_rows(slices: SliceSet, params: dict[str, Any], split: str = "train") -> pd.DataFrame:
     """The segmenter's slices of a split: enough lung, not in `segment.exclude_sources`."""
+    excluded = set(params["segment"].get("exclude_sources") or [])
+    unknown = excluded - set(slices.index["source"])
+    if unknown:
+        raise ValueError(f"segment.exclude_sources names no source: {sorted(unknown)}; "
+                         f"sources: {sorted(set(slices.index['source']))}")
     rows = slices.rows(split, params["classify"]["min_lung_fraction"])
-    return rows[~rows["source"].isin(params["segment"].get("exclude_sources") or [])]
+    return rows[~rows["source"].isin(excluded)]
 
 
 def sampling_weights(rows: pd.DataFrame, negative_share: float) -> np.ndarray:
