@@ -22,12 +22,15 @@ def _with_layer(layer: str, profile: str = "tiny") -> dict:
     return load_params(profile, path=REPO_ROOT / "params.yaml", overrides={"coarse": {"layer": layer}})
 
 
-@pytest.mark.parametrize(("profile", "layer", "size"), [
-    ("quick", "encoder.block2", (64, 64)),   # the README's figures: 64 x 64 at 128 px ...
-    ("quick", "encoder.block4", (16, 16)),   # ... and 16 x 16 for block4
-    ("tiny", "encoder.block2", (32, 32)),
-    ("full", "encoder.block3", (64, 64)),    # 256 px, width 32
-])
+@pytest.mark.parametrize(
+    ("profile", "layer", "size"),
+    [
+        ("quick", "encoder.block2", (64, 64)),  # the README's figures: 64 x 64 at 128 px ...
+        ("quick", "encoder.block4", (16, 16)),  # ... and 16 x 16 for block4
+        ("tiny", "encoder.block2", (32, 32)),
+        ("full", "encoder.block3", (64, 64)),  # 256 px, width 32
+    ],
+)
 def test_usable_layers_pass_with_their_map_size(profile: str, layer: str, size: tuple[int, int]) -> None:
     assert check_cam_layer(_with_layer(layer, profile)) == size
 
@@ -41,13 +44,16 @@ def test_the_layer_of_every_profile_passes() -> None:
         assert 1 <= rows == cols <= params["image_size"], profile
 
 
-@pytest.mark.parametrize(("layer", "problem"), [
-    ("encoder.block9", "is no layer of SliceClassifier"),
-    ("block2", "is no layer of SliceClassifier"),          # the name must be the full dotted path
-    ("", "is no layer of SliceClassifier"),                # the whole network is not a layer
-    ("head.1", "Grad-CAM fails at 'head.1'"),              # exists, but its output has no pixels
-    ("encoder.block2.1", "Grad-CAM fails at 'encoder.block2.1'"),  # BatchNorm before an in-place ReLU
-])
+@pytest.mark.parametrize(
+    ("layer", "problem"),
+    [
+        ("encoder.block9", "is no layer of SliceClassifier"),
+        ("block2", "is no layer of SliceClassifier"),  # the name must be the full dotted path
+        ("", "is no layer of SliceClassifier"),  # the whole network is not a layer
+        ("head.1", "Grad-CAM fails at 'head.1'"),  # exists, but its output has no pixels
+        ("encoder.block2.1", "Grad-CAM fails at 'encoder.block2.1'"),  # BatchNorm before an in-place ReLU
+    ],
+)
 def test_a_layer_gradcam_cannot_use_is_refused_naming_the_usable_ones(layer: str, problem: str) -> None:
     with pytest.raises(InputError) as info:
         check_cam_layer(_with_layer(layer))
@@ -72,8 +78,14 @@ def test_accepted_layers_are_exactly_those_the_coarse_stage_can_use() -> None:
     slices = []
     for stem in SLICE_STEMS[:2]:
         image = sitk.ReadImage(str(SEG_SLICES / f"{stem}.jpg"), sitk.sitkFloat32)
-        image = sitk.Resample(image, [size, size], sitk.Transform(), sitk.sitkLinear, image.GetOrigin(),
-                              [s * n / size for s, n in zip(image.GetSpacing(), image.GetSize(), strict=True)])
+        image = sitk.Resample(
+            image,
+            [size, size],
+            sitk.Transform(),
+            sitk.sitkLinear,
+            image.GetOrigin(),
+            [s * n / size for s, n in zip(image.GetSpacing(), image.GetSize(), strict=True)],
+        )
         slices.append(sitk.GetArrayFromImage(image) / 255.0)
     x = torch.as_tensor(np.stack(slices)[:, None], dtype=torch.float32)
 

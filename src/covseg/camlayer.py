@@ -44,7 +44,8 @@ def cam_map_size(model: nn.Module, layer: str, image_size: int) -> tuple[int, in
         raise ValueError(f"{layer!r} is no layer of {type(model).__name__}")
     blank = torch.zeros(1, 1, image_size, image_size)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # MONAI warns about hooks it could not place: the checks below catch it
+        # MONAI warns about hooks it could not place: the checks below catch that.
+        warnings.simplefilter("ignore")
         try:
             cam = GradCAM(nn_module=model, target_layers=layer)
             cam(blank, class_idx=0)  # what covseg.cam.grad_cam does, on one blank slice

@@ -1,5 +1,8 @@
-"""Raw data: import sources into the project's DVC-tracked `data/` (copy, verify, `dvc add`), and fetch the
-raw sources of a pipeline run (a folder, an S3 prefix, or one version of the data in the DVC remote).
+"""Raw data: import sources into `data/`, and fetch the raw sources of a pipeline run.
+
+Importing copies the sources into the project's DVC-tracked `data/` (copy, verify, `dvc add`); fetching
+brings a pipeline run's raw sources from a folder, an S3 prefix, or one version of the data in the DVC
+remote.
 """
 
 from __future__ import annotations
