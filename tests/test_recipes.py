@@ -39,9 +39,9 @@ SEEDS_FIXTURE = Path(__file__).parent / "fixtures" / "promotion" / "quick_segmen
 def _edit_params(project: Path, edit: Callable[[dict[str, Any]], None]) -> None:
     """Edit the project's params.yaml (the recipe's one-file change): load, change, write back."""
     path = project / "params.yaml"
-    raw = yaml.safe_load(path.read_text())
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     edit(raw)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,7 +107,10 @@ def test_recipe_add_a_data_source(project_with_new_sources: Path) -> None:
 
     gate = invoke_cli(project, "gate0", "--profile", "tiny")
     assert gate.exit_code == 0, gate.stderr
-    assert json.loads((project / "artifacts" / "gates" / "gate0.json").read_text())["success"] is True
+    assert (
+        json.loads((project / "artifacts" / "gates" / "gate0.json").read_text(encoding="utf-8"))["success"]
+        is True
+    )
 
 
 def test_recipe_slices_source_needs_subsources(tmp_path: Path) -> None:
@@ -185,7 +188,10 @@ def _decisions(params: dict[str, Any]) -> dict[tuple[str, str], tuple[str, str]]
 
     cfg = params["register"]
     floors = {k: v for k, v in cfg["floors"].items() if k == "dice"}
-    seeds = {s: tuple(d) for s, d in json.loads(SEEDS_FIXTURE.read_text())["per_slice_dice"].items()}
+    seeds = {
+        s: tuple(d)
+        for s, d in json.loads(SEEDS_FIXTURE.read_text(encoding="utf-8"))["per_slice_dice"].items()
+    }
     out = {}
     for champ, cand in itertools.permutations(seeds, 2):
         mean = float(np.mean(seeds[cand]))
@@ -201,7 +207,7 @@ def _decisions(params: dict[str, Any]) -> dict[tuple[str, str], tuple[str, str]]
 def test_recipe_change_the_promotion_rule(tmp_path: Path) -> None:
     from covseg.registry import CHALLENGER, CHAMPION
 
-    seeds = json.loads(SEEDS_FIXTURE.read_text())["per_slice_dice"]
+    seeds = json.loads(SEEDS_FIXTURE.read_text(encoding="utf-8"))["per_slice_dice"]
     project = make_project(tmp_path / "project", profile="quick")
     before = _decisions(load_params(path=project / "params.yaml"))
     assert len(before) == 6 and all(

@@ -56,7 +56,9 @@ def _codes(filename: str, source: str) -> set[str]:
 
 
 def _locked_ruff() -> str:
-    match = re.search(r"^ruff==(\S+)$", (REPO_ROOT / "requirements.lock").read_text(), re.MULTILINE)
+    match = re.search(
+        r"^ruff==(\S+)$", (REPO_ROOT / "requirements.lock").read_text(encoding="utf-8"), re.MULTILINE
+    )
     assert match, "requirements.lock pins no ruff"
     return match.group(1)
 
@@ -83,7 +85,7 @@ def test_docstring_rules_follow_the_google_convention() -> None:
 
 
 def test_modules_pending_the_method_merge_are_exempt_and_marked_so() -> None:
-    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["ruff"]["lint"]
+    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["ruff"]["lint"]
     exempt = [
         pattern
         for pattern, codes in config["per-file-ignores"].items()
@@ -93,7 +95,7 @@ def test_modules_pending_the_method_merge_are_exempt_and_marked_so() -> None:
     for name in PROTECTED:
         assert not {c for c in _codes(f"src/covseg/{name}.py", UNDOCUMENTED) if c.startswith("D")}, name
     assert {"D100", "D103"} <= _codes("src/covseg/promotion.py", UNDOCUMENTED)  # the rest is checked
-    lines = (REPO_ROOT / "pyproject.toml").read_text().splitlines()
+    lines = (REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8").splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith(f'"{exempt[0]}"'))
     assert lines[at - 1].startswith("#") and "pending method v2 merge" in lines[at - 1]
 
@@ -104,7 +106,7 @@ def test_the_library_passes_ruff_with_the_docstring_rules() -> None:
 
 
 def test_pre_commit_hooks_run_ruff_check_and_format_at_the_locked_version() -> None:
-    config = yaml.safe_load((REPO_ROOT / ".pre-commit-config.yaml").read_text())
+    config = yaml.safe_load((REPO_ROOT / ".pre-commit-config.yaml").read_text(encoding="utf-8"))
     hooks = {hook["id"]: hook for repo in config["repos"] for hook in repo["hooks"]}
     assert hooks["ruff-check"]["entry"].split()[:2] == ["ruff", "check"]
     assert hooks["ruff-format"]["entry"].split()[:2] == ["ruff", "format"]
@@ -115,6 +117,6 @@ def test_pre_commit_hooks_run_ruff_check_and_format_at_the_locked_version() -> N
 
 
 def test_make_lint_checks_the_format() -> None:
-    makefile = (REPO_ROOT / "Makefile").read_text()
+    makefile = (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
     lint = makefile.split("\nlint:")[1].split("\n\n")[0]
     assert "ruff check" in lint and "ruff format --check" in lint
