@@ -25,7 +25,7 @@ $(BIN)/covseg: pyproject.toml requirements.lock
 venv: $(BIN)/covseg
 
 data: venv
-	@test -d data || $(BIN)/covseg data import $(DATA_SRC)
+	$(BIN)/covseg data import --update $(DATA_SRC)
 
 run: venv data
 	$(BIN)/covseg run --profile $(PROFILE)

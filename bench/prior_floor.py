@@ -5,7 +5,7 @@ positive slices of the training split (lobe labels: the lesion lung against the 
 slice, same patient, scanner and height): ROC AUC (`covseg.prior.side_area_auc`). The floor with the best
 AUC is the one the prior should use; no pixel mask is read.
 
-    .venv/bin/python bench/prior_floor.py artifacts/lungs
+    .venv/bin/python bench/prior_floor.py artifacts/lungs --out bench/results/prior_floor.json
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("lungs_dir")
     parser.add_argument("--profile", default="quick")
     parser.add_argument("--split", default="train")
+    parser.add_argument("--out", help="also write the scores here (JSON)")
     args = parser.parse_args()
     params = load_params(args.profile)
     slices = SliceSet.load(args.lungs_dir)
@@ -35,7 +36,11 @@ def main() -> None:
         scores[float(floor)] = side_area_auc(slices.images, slices.lungs, slices.sides, rows, fine)
         print(f"floor {floor:.3f}: lung AUC {scores[float(floor)]:.3f}", flush=True)
     best = max(scores, key=lambda k: scores[k])
-    print(json.dumps({"best_floor": best, "auc": scores[best], "split": args.split, "scores": scores}))
+    result = {"best_floor": best, "auc": scores[best], "split": args.split, "scores": scores}
+    print(json.dumps(result))
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(result, handle, indent=2)
 
 
 if __name__ == "__main__":

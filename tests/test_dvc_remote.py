@@ -123,6 +123,28 @@ def test_data_import_gives_a_reproducible_data_version(tmp_path: Path) -> None:
     assert sha256_tree(source) == original, "import must only read its source"
 
 
+def test_data_import_update_notices_a_new_data_version(tmp_path: Path) -> None:
+    """`covseg data import --update` (what `make run` calls): a source that gained slices replaces data/ and
+    gives a new data.dvc md5 with the added files named; an unchanged source changes nothing."""
+    require_shared()
+    source = _real_files(tmp_path / "source")
+    repo = _scratch_repo(tmp_path / "repo")
+    covseg = str(BIN / "covseg")
+    _run(repo, covseg, "data", "import", str(source), "--to", str(repo / "data"))
+    first = _dvc_out(repo)
+    printed = _run(repo, covseg, "data", "import", "--update", str(source), "--to", str(repo / "data"))
+    assert "is up to date" in printed and _dvc_out(repo) == first
+    # the dataset grows the way covid-ct-md did: more instances of the same series
+    extra = source / "covid-ct-md" / "P001" / "extra.dcm"
+    shutil.copyfile(next((source / "covid-ct-md" / "P001").glob("*.dcm")), extra)
+    printed = _run(repo, covseg, "data", "import", "--update", str(source), "--to", str(repo / "data"))
+    assert "new data version: 1 added, 0 removed, 0 changed" in printed, printed
+    second = _dvc_out(repo)
+    assert second["nfiles"] == first["nfiles"] + 1 and second["md5"] != first["md5"]
+    assert sha256_tree(repo / "data") == sha256_tree(source)
+    assert not list(repo.glob(".data.*")), "scratch or backup folder left beside data/"
+
+
 @pytest.mark.parametrize("case", ["target-not-empty", "missing-source"])
 def test_data_import_refuses(case: str, tmp_path: Path) -> None:
     project = make_project(tmp_path / "project")
@@ -133,7 +155,7 @@ def test_data_import_refuses(case: str, tmp_path: Path) -> None:
     copy_file(SEG_SLICES / "coronacases_org_001_2.jpg", target / "old.jpg")
     result = invoke_cli(project, "data", "import", str(source), "--to", str(target))
     assert result.exit_code == 2
-    expected = {"target-not-empty": f"error: {target}: already holds data",
+    expected = {"target-not-empty": f"error: {target}: already holds data; remove it first",
                 "missing-source": f"error: {source.resolve()}: source folder not found"}[case]
     lines = error_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith(expected), result.stderr

@@ -35,12 +35,13 @@ from helpers import (
     sha256_tree,
 )
 
+from covseg import layout
+
 GOLDEN = REPO_ROOT / "pipelines" / "train_pipeline.yaml"
 SDK_VERSION_KEYS = {"sdkVersion"}
-STAGES = ("ingest", "gate0", "lungs", "classify", "coarse", "gate-a", "mil", "gate-b", "segment", "evaluate",
-          "register")
-GPU_TASKS = {"classify", "coarse", "mil", "segment"}
-TRAINING_TASKS = {"classify", "mil", "segment"}
+STAGES = tuple(s.name.replace("_", "-") for s in layout.STAGES)
+GPU_TASKS = {"classify", "coarse", "mil", "segment", "refine"}
+TRAINING_TASKS = {s.name for s in layout.STAGES if s.trains}
 ROW_KEYS = ("dice", "iou", "ppv", "sensitivity", "specificity")
 # Four short real DICOM series (both labels in train and in validation), two JPEG volumes, four medseg pairs:
 # every split the stages need, in a tree small enough for kfp.local's one-process-per-task on 2 cores.

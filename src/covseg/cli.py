@@ -60,13 +60,22 @@ def data() -> None:
 @data.command("import")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--to", "target", type=click.Path(path_type=Path), default=None, help="Default: ./data")
+@click.option("--update", is_flag=True,
+              help="If the target holds data: replace it when the source changed (a new data version).")
 @_friendly_errors
-def data_import(source: Path, target: Path | None) -> None:
+def data_import(source: Path, target: Path | None, update: bool) -> None:
     """Copy raw sources (e.g. ../shared/datasets) into data/ and track it with DVC."""
-    from covseg.data import import_sources
+    from covseg.data import import_sources, source_changes
 
     target = target or repo_root() / "data"
-    count = import_sources(source, target)
+    changes = source_changes(source, target) if update and target.is_dir() and source.is_dir() else None
+    count = import_sources(source, target, update=update)
+    if changes is not None and count == 0:
+        click.echo(f"{target} is up to date with {source}")
+        return
+    if changes is not None:
+        click.echo("new data version: " + ", ".join(f"{len(v)} {k}" for k, v in changes.items())
+                   + " (`covseg audit diff` lists them per model version)")
     click.echo(f"imported {count} files into {target}")
 
 
@@ -243,6 +252,8 @@ def evaluate_stage(profile: str | None) -> None:
 
 
 RENAMED = {"evaluate-pipeline": "evaluate-stage"}
+STAGE_COMMANDS = {"evaluate": "evaluate-stage"}
+"""CLI command of a stage whose name is not its `covseg.layout` name with `_` -> `-`."""
 """Old command names, kept as hidden aliases that print a one-line deprecation notice."""
 
 
@@ -316,8 +327,10 @@ def models() -> None:
 @_friendly_errors
 def run(profile: str | None, from_stage: str) -> None:
     """Run the whole pipeline in this process (ingest -> evaluate), printing each stage's summary."""
+    from covseg.layout import STAGES
+
     ctx = click.get_current_context()
-    order = [ingest, gate0, lungs, classify, coarse, gate_a, mil, gate_b, segment, refine, evaluate_stage, register]
+    order = [main.commands[STAGE_COMMANDS.get(s.name, s.name.replace("_", "-"))] for s in STAGES]
     names = [c.name for c in order]
     from_stage = RENAMED.get(from_stage, from_stage)
     if from_stage not in names:

@@ -21,10 +21,27 @@ from covseg.errors import InputError
 _DOWNLOAD_THREADS = 16
 
 
-def import_sources(source: str | Path, data_dir: str | Path, track: bool = True) -> int:
+def source_changes(source: str | Path, data_dir: str | Path) -> dict[str, list[str]]:
+    """Relative paths `added` to, `removed` from and `changed` in `source` since it was imported into
+    `data_dir` (content compared by SHA-256)."""
+    from covseg.io import sha256_file
+
+    def listing(root: Path) -> dict[str, Path]:
+        return {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file()}
+
+    new, old = listing(Path(source)), listing(Path(data_dir))
+    both = sorted(set(new) & set(old))
+    return {"added": sorted(set(new) - set(old)), "removed": sorted(set(old) - set(new)),
+            "changed": [k for k in both if new[k].stat().st_size != old[k].stat().st_size
+                        or sha256_file(new[k]) != sha256_file(old[k])]}
+
+
+def import_sources(source: str | Path, data_dir: str | Path, track: bool = True, update: bool = False) -> int:
     """Copy every file under `source` into `data_dir` (all or nothing), verify hashes, and `dvc add` it.
 
-    The source is only read. Returns the number of files copied.
+    With `update`, a `data_dir` that already holds data is replaced when the source differs from it (a new
+    data version: new `data.dvc` md5) and left alone when it does not (returns 0). The source is only read.
+    Returns the number of files copied.
     """
     from covseg.io import atomic_dir, sha256_file  # io reads CT (SimpleITK): only when importing
 
@@ -35,7 +52,11 @@ def import_sources(source: str | Path, data_dir: str | Path, track: bool = True)
     if not files:
         raise InputError(source, "source folder is empty")
     if data_dir.exists() and any(data_dir.iterdir()):
-        raise InputError(data_dir, "already holds data; remove it first or import into another folder")
+        if not update:
+            raise InputError(data_dir, "already holds data; remove it first, import into another folder, "
+                                       "or pass --update to replace it with a newer source")
+        if not any(source_changes(source, data_dir).values()):
+            return 0
     with atomic_dir(data_dir) as scratch:
         for path in tqdm(files, desc="import", unit="file", disable=None):
             target = scratch / path.relative_to(source)
