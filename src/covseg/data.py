@@ -22,8 +22,10 @@ _DOWNLOAD_THREADS = 16
 
 
 def source_changes(source: str | Path, data_dir: str | Path) -> dict[str, list[str]]:
-    """Relative paths `added` to, `removed` from and `changed` in `source` since it was imported into
-    `data_dir` (content compared by SHA-256)."""
+    """What changed in `source` since it was imported into `data_dir`.
+
+    Relative paths ``added``, ``removed`` and ``changed`` (content compared by SHA-256).
+    """
     from covseg.io import sha256_file
 
     def listing(root: Path) -> dict[str, Path]:
