@@ -36,6 +36,7 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check src components pipelines tests bench tools
+	$(BIN)/ruff format --check src components pipelines tests bench tools
 
 clean:
 	rm -rf artifacts mlflow.db mlartifacts .pytest_cache

@@ -1,6 +1,7 @@
 """Bad input, every kind in one corpus (`BUILDERS`): each a clear InputError naming the file, one `error:` line
 from the CLI, exit 2, nothing half-written; plus the kinds only caught after ingest (a slice in two splits:
-gate 0; path traversal in the manifest) and one summary over all of them.
+gate 0; path traversal in the manifest) and one summary over all of them. Last, the bad studies and model
+folders `covseg predict` (`predict_study`) refuses before writing anything.
 
 Every broken file is a real file copied into tmp_path and then damaged there.
 """
@@ -587,3 +588,63 @@ def test_every_bad_input_kind_is_rejected(tmp_path: Path, capsys: pytest.Capture
     assert accepted == [], f"accepted bad input: {accepted}"
     assert misreported == {}, misreported
     assert len(rejected) == len(runs) >= 15
+
+
+# ------------------------------------------------------------------------------------------------
+# covseg predict: a bad study or model folder is refused before anything is written
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(trained_tiny: Any) -> Path:
+    """The session's tiny trained segmenter (a real model folder)."""
+    return trained_tiny.stage("segment")
+
+
+@pytest.fixture(scope="module")
+def predict_series(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 consecutive kept files of the real COVID-CT-MD series P001 (instances 25..35)."""
+    folder = tmp_path_factory.mktemp("series") / "P001"
+    for src in series_files("P001", 25, 6):
+        copy_file(src, folder / src.name)
+    return folder
+
+
+def _bad_studies(root: Path, series: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
+    gap = root / "gap"
+    gap.mkdir()
+    for name in ("0025.dcm", "0027.dcm", "0031.dcm"):  # 0029 missing
+        shutil.copyfile(series / name, gap / name)
+    text = root / "notes.txt"
+    text.write_text("not an image")
+    rgb = root / "rgb.png"
+    grey = sitk.GetImageFromArray(np.arange(64 * 64, dtype=np.uint8).reshape(64, 64))
+    sitk.WriteImage(sitk.Compose([grey] * 3), str(rgb))
+    eight_bit = root / "eight-bit.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(4 * 32 * 32, dtype=np.uint8).reshape(4, 32, 32)), str(eight_bit))
+    return {
+        "missing": (root / "nope", {}),
+        "text file": (text, {}),
+        "one dicom file": (series / "0025.dcm", {}),
+        "series with a gap": (gap, {}),
+        "rgb slice": (rgb, {}),
+        "volume not in HU": (eight_bit, {}),
+        "rotate on a volume": (series, {"rotate": 1}),
+    }
+
+
+def test_bad_study_is_refused_by_predict_before_anything_is_written(predict_series: Path, model_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    from covseg.predict import predict_study
+
+    series = predict_series
+    for label, (path, kwargs) in _bad_studies(tmp_path, series).items():
+        out = tmp_path / f"out-{label.replace(' ', '-')}"
+        with pytest.raises(InputError) as info:
+            predict_study(path, model_dir, out, **kwargs)
+        assert str(path) in str(info.value), label
+        assert not out.exists(), label
+    with pytest.raises(InputError, match="model folder not found"):
+        predict_study(series, tmp_path / "no-model", tmp_path / "out-model")
+    assert not (tmp_path / "out-model").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "scratch folders left behind"

@@ -2,14 +2,14 @@
 
 A real COVID-CT-MD series (6 consecutive kept files of P001), NIfTI volumes written from it (LPS and RAS
 on disk), and a real medseg-100 JPEG: masks on the input's grid, a report whose numbers follow from the
-masks, bad input refused before anything is written, and the MLflow pyfunc giving the same mask.
+masks, the output folder guarded, and the MLflow pyfunc giving the same mask. Bad studies given to
+`predict_study` are refused in test_bad_input.py, with every other kind of bad input.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import uuid
 from pathlib import Path
@@ -405,42 +405,6 @@ def test_build_report_of_a_slice_is_in_pixels() -> None:
     assert report["lesion_px"] == {"right": 0, "left": 0, "both": 0}
     assert report["lung_px"] == {"right": 12, "left": 12, "both": 24}
     assert report["overlay_slices"] == [0]  # no lesion anywhere: the slice with the most lung
-
-
-def _bad_inputs(root: Path, series: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
-    gap = root / "gap"
-    gap.mkdir()
-    for name in ("0025.dcm", "0027.dcm", "0031.dcm"):  # 0029 missing
-        shutil.copyfile(series / name, gap / name)
-    text = root / "notes.txt"
-    text.write_text("not an image")
-    rgb = root / "rgb.png"
-    grey = sitk.GetImageFromArray(np.arange(64 * 64, dtype=np.uint8).reshape(64, 64))
-    sitk.WriteImage(sitk.Compose([grey] * 3), str(rgb))
-    eight_bit = root / "eight-bit.nii.gz"
-    sitk.WriteImage(sitk.GetImageFromArray(np.arange(4 * 32 * 32, dtype=np.uint8).reshape(4, 32, 32)), str(eight_bit))
-    return {
-        "missing": (root / "nope", {}),
-        "text file": (text, {}),
-        "one dicom file": (series / "0025.dcm", {}),
-        "series with a gap": (gap, {}),
-        "rgb slice": (rgb, {}),
-        "volume not in HU": (eight_bit, {}),
-        "rotate on a volume": (series, {"rotate": 1}),
-    }
-
-
-def test_bad_input_is_refused_before_anything_is_written(series: Path, model_dir: Path, tmp_path: Path) -> None:
-    for label, (path, kwargs) in _bad_inputs(tmp_path, series).items():
-        out = tmp_path / f"out-{label.replace(' ', '-')}"
-        with pytest.raises(InputError) as info:
-            predict_study(path, model_dir, out, **kwargs)
-        assert str(path) in str(info.value), label
-        assert not out.exists(), label
-    with pytest.raises(InputError, match="model folder not found"):
-        predict_study(series, tmp_path / "no-model", tmp_path / "out-model")
-    assert not (tmp_path / "out-model").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "scratch folders left behind"
 
 
 def test_output_folder_is_guarded(series: Path, jpeg: Path, segmenter: LesionSegmenter, tmp_path: Path) -> None:

@@ -103,7 +103,7 @@ def _run_metrics(client: MlflowClient, run_id: str | None) -> dict[str, float]:
 
 
 def _aliases(client: MlflowClient, name: str) -> dict[str, list[str]]:
-    """version -> its aliases (search results do not carry aliases; the registered model does)."""
+    """Map each version to its aliases (search results do not carry aliases; the registered model does)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -117,8 +117,11 @@ def _aliases(client: MlflowClient, name: str) -> dict[str, list[str]]:
 
 
 def _model_format(mv: ModelVersion) -> str | None:
-    """How the version's model is stored (its MLmodel): ``code`` (model from code), ``pickle`` (a CloudPickle
-    of the PythonModel, before models from code), ``other``; None when the MLmodel cannot be read."""
+    """How the version's model is stored, read from its MLmodel.
+
+    ``code`` (model from code), ``pickle`` (a CloudPickle of the PythonModel, before models from code),
+    ``other``; None when the MLmodel cannot be read.
+    """
     from mlflow.exceptions import MlflowException
     from mlflow.models import get_model_info
 

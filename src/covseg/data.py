@@ -1,5 +1,8 @@
-"""Raw data: import sources into the project's DVC-tracked `data/` (copy, verify, `dvc add`), and fetch the
-raw sources of a pipeline run (a folder, an S3 prefix, or one version of the data in the DVC remote).
+"""Raw data: import sources into `data/`, and fetch the raw sources of a pipeline run.
+
+Importing copies the sources into the project's DVC-tracked `data/` (copy, verify, `dvc add`); fetching
+brings a pipeline run's raw sources from a folder, an S3 prefix, or one version of the data in the DVC
+remote.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ _DOWNLOAD_THREADS = 16
 
 
 def source_changes(source: str | Path, data_dir: str | Path) -> dict[str, list[str]]:
-    """Relative paths `added` to, `removed` from and `changed` in `source` since it was imported into
-    `data_dir` (content compared by SHA-256)."""
+    """What changed in `source` since it was imported into `data_dir`.
+
+    Relative paths ``added``, ``removed`` and ``changed`` (content compared by SHA-256).
+    """
     from covseg.io import sha256_file
 
     def listing(root: Path) -> dict[str, Path]:

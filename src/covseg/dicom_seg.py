@@ -84,8 +84,10 @@ def seg_blocker(headers: Sequence[pydicom.Dataset]) -> str | None:
 
 
 def source_datasets(headers: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
-    """Copies of the source headers with the Type 2 identity and study attributes present (empty if absent);
-    the headers themselves are left as read."""
+    """Copies of the source headers with the Type 2 identity and study attributes present (empty if absent).
+
+    The headers themselves are left as read.
+    """
     import pydicom
 
     out = []
@@ -101,8 +103,11 @@ def source_datasets(headers: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]
 
 def frames_on_source_grids(labels: np.ndarray, image: sitk.Image, series: DicomSeries,
                            headers: Sequence[pydicom.Dataset]) -> np.ndarray:
-    """(Z, H, W) uint8 volume on the LPS grid of `image` -> (instances, Rows, Columns), one slice per header,
-    each on its instance's own pixel grid (the series as stored: reorienting back undoes the flips)."""
+    """Map a (Z, H, W) uint8 volume on the LPS grid of `image` to (instances, Rows, Columns) frames.
+
+    One frame per header, each on its instance's own pixel grid (the series as stored: reorienting back
+    undoes the flips).
+    """
     import SimpleITK as sitk
 
     volume = sitk.GetImageFromArray(labels)
@@ -119,8 +124,11 @@ def frames_on_source_grids(labels: np.ndarray, image: sitk.Image, series: DicomS
 def build_segmentation(series: DicomSeries, headers: Sequence[pydicom.Dataset], image: sitk.Image,
                        lesion: np.ndarray, sides: np.ndarray, right: int, left: int, algorithm_version: str,
                        parameters: dict[str, str] | None = None) -> Any:
-    """A highdicom Segmentation of `series` (`headers`: its instances' headers, z order) from masks on its LPS
-    grid `image` (`sides`: 0, `right`, `left`). See :func:`seg_blocker` for series that cannot have one."""
+    """A highdicom Segmentation of `series` from masks on its LPS grid `image`.
+
+    `headers` are its instances' headers in z order; `sides` holds 0, `right` or `left` per voxel. See
+    :func:`seg_blocker` for series that cannot have one.
+    """
     import highdicom as hd
     from pydicom.sr.codedict import codes
 

@@ -28,6 +28,7 @@ class Check:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
+        """The check in one line: ``table: Expectation(kwargs)``."""
         args = ", ".join(f"{k}={v}" for k, v in self.kwargs.items())
         return f"{self.table}: {self.expectation}({args})"
 

@@ -215,8 +215,10 @@ _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
 
 
 def _nifti_nonfinite(path: Path) -> int:
-    """Count NaN/Inf voxels in a float NIfTI-1 file, read raw: ITK's reader turns them into 0. Integer files
-    (which cannot hold them) cost only their header."""
+    """Count NaN/Inf voxels in a float NIfTI-1 file, read raw: ITK's reader turns them into 0.
+
+    Integer files (which cannot hold them) cost only their header.
+    """
     with _open_nifti(path) as handle:
         header = handle.read(348)
         order = _nifti1_order(header)
@@ -355,7 +357,7 @@ class Study:
 
 
 def read_dicom_headers(files: list[str]) -> list[Any]:
-    """pydicom headers (no pixel data) of validated DICOM files, for writers that reference them (DICOM SEG).
+    """Pydicom headers (no pixel data) of validated DICOM files, for writers that reference them (DICOM SEG).
 
     pydicom's own value checks are off while reading (an invalid UID is a reason not to reference the file,
     found by the writer, not a warning for the user) and restored afterwards. pydicom checks a value when

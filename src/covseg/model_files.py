@@ -1,6 +1,8 @@
-"""A logged covseg model's files: the U-Net is rebuilt from its weight files (safetensors, or the state dict
-of versions logged as pickles) and `segmenter.json`; the model's code file and any pickle are never run.
-Shared by the predict path (`covseg predict --model models:/...`) and the served pyfunc (`covseg.serving`).
+"""A logged covseg model's files: the U-Net rebuilt from its weights, never from code or a pickle.
+
+The weights are a safetensors file (or the state dict of versions logged as pickles) plus
+`segmenter.json`; the model's code file and any pickle are never run. Shared by the predict path
+(`covseg predict --model models:/...`) and the served pyfunc (`covseg.serving`).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ class Encoder(nn.Module):
         self.channels = width * 8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) slices -> (B, `channels`, S/8, S/8) features."""
         x = self.pool(self.block1(x))
         x = self.pool(self.block2(x))
         x = self.pool(self.block3(x))
@@ -51,6 +52,7 @@ class SliceClassifier(nn.Module):
         return torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) slices -> (B, 1) lesion logits."""
         return self.head(self.pooled(x))
 
 
@@ -69,6 +71,7 @@ class MILNet(nn.Module):
         self.attention = nn.Sequential(nn.Linear(channels, 64), nn.Tanh(), nn.Linear(64, 1))
 
     def forward(self, patches: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, K, 1, P, P) patches and (B, K) validity -> (B,) bag logits, (B, K) instance logits."""
         batch, k = patches.shape[:2]
         features = self.encoder(patches.flatten(0, 1)).mean(dim=(2, 3))
         instance = self.instance_head(features).view(batch, k)

@@ -263,6 +263,7 @@ class Timer:
 
     @contextlib.contextmanager
     def __call__(self, part: str) -> Iterator[None]:
+        """Time the block and add its seconds to `parts[part]`."""
         mark = time.perf_counter()
         try:
             yield
@@ -290,6 +291,7 @@ class StudyMasks:
 
     @property
     def lung(self) -> np.ndarray:
+        """Bool: inside either lung."""
         return self.sides > 0
 
 
@@ -403,8 +405,11 @@ def _overlay_titles(report: dict[str, Any]) -> list[str]:
 
 def write_outputs(folder: Path, study: Study, masks: StudyMasks, report: dict[str, Any],
                   timer: Timer | None = None) -> None:
-    """The masks (NIfTI on the input's grid for volumes, PNG for a slice), for a DICOM series also as a DICOM
-    SEG referencing its instances (`covseg.dicom_seg`), and the overlay, into `folder`."""
+    """Write the masks and the overlay into `folder`.
+
+    Masks are NIfTI on the input's grid for volumes, PNG for a slice, and for a DICOM series also a DICOM
+    SEG referencing its instances (`covseg.dicom_seg`).
+    """
     import SimpleITK as sitk
 
     from covseg import report as figures

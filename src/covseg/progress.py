@@ -38,8 +38,11 @@ class _LineWriter:
 
 
 class _LogBar(tqdm):
-    """tqdm for a log: a new postfix waits for the step's line instead of printing a line of its own, and
-    the same step is not printed twice (tqdm redraws the last one when it closes)."""
+    """A tqdm bar for a log: one line per step, never a line for a postfix alone.
+
+    A new postfix waits for the step's line instead of printing a line of its own, and the same step is not
+    printed twice (tqdm redraws the last one when it closes).
+    """
 
     _shown: tuple[int, str] | None = None
 

@@ -78,8 +78,11 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Champion:
-    """The version holding ``champion`` now, scored on the candidate's slices (``per_slice``); without them
-    (``per_slice`` None: no score function) ``score`` is its recorded Dice and nothing can replace it."""
+    """The version holding ``champion`` now, scored on the candidate's slices (``per_slice``).
+
+    Without them (``per_slice`` None: no score function) ``score`` is its recorded Dice and nothing can
+    replace it.
+    """
 
     version: str
     score: float | None
@@ -88,8 +91,10 @@ class Champion:
 
 @dataclass(frozen=True)
 class Evidence:
-    """Paired comparison on the same slices: the mean per-slice Dice difference (candidate minus champion)
-    and its bootstrap confidence interval."""
+    """Paired comparison on the same slices.
+
+    The mean per-slice Dice difference (candidate minus champion) and its bootstrap confidence interval.
+    """
 
     difference: float
     low: float
@@ -98,10 +103,12 @@ class Evidence:
     n_slices: int
 
     def as_dict(self) -> dict[str, float | int]:
+        """Plain-dict form (the ``evidence`` of :meth:`Decision.as_dict`)."""
         return {"difference": self.difference, "low": self.low, "high": self.high,
                 "confidence": self.confidence, "n_slices": self.n_slices}
 
     def describe(self) -> str:
+        """The evidence in words (part of the decision's reason)."""
         return (f"paired Dice difference {self.difference:+.4f}, {self.confidence:.0%} CI "
                 f"[{self.low:+.4f}, {self.high:+.4f}] over {self.n_slices} slices")
 

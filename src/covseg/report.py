@@ -1,6 +1,8 @@
-"""Figures people would rather look at than read: the method panel (CT slice, Grad-CAM, coarse label,
-fine label, final mask, ground truth) and `covseg predict`'s overlay montage. Loss curves are MLflow metric
-histories (`tracking.log_history`)."""
+"""Figures people would rather look at than read: the method panel and `covseg predict`'s overlay montage.
+
+The method panel shows CT slice, Grad-CAM, coarse label, fine label, final mask and ground truth. Loss
+curves are MLflow metric histories (`tracking.log_history`).
+"""
 
 from __future__ import annotations
 
@@ -72,5 +74,6 @@ def overlay_montage(images: np.ndarray, lesion: np.ndarray, lung: np.ndarray, ti
 
 
 def save(figure: Any, path: str | Path) -> None:
+    """Write `figure` to `path` (PNG, 110 dpi) and close it."""
     figure.savefig(path, dpi=110)
     _pyplot().close(figure)

@@ -42,23 +42,30 @@ def storage_format(flavor_conf: Mapping[str, Any]) -> str:
 
 
 def load_registered_segmenter(uri: str) -> LesionSegmenter:
-    """The predict path's segmenter of a logged or registered model (``models:/covseg@champion``), built from
-    its weight files (`covseg.model_files`): no pickle, no model code is run."""
+    """The predict path's segmenter of a logged or registered model (``models:/covseg@champion``).
+
+    It is built from the model's weight files (`covseg.model_files`): no pickle, no model code is run.
+    """
     from covseg.predict import LesionSegmenter
 
     return LesionSegmenter(*load_registered_weights(uri))
 
 
 class CovsegModel(mlflow.pyfunc.PythonModel):
-    """Input: (N, H, W) slices in the radiological view, 8-bit look (params `domain`='hu' for Hounsfield
-    units). Output: (N, H, W) uint8 lesion masks (probability >= `threshold`, default 0.5)."""
+    """The registered pyfunc model: CT slices in, lesion masks out.
+
+    Input: (N, H, W) slices in the radiological view, 8-bit look (params `domain`='hu' for Hounsfield
+    units). Output: (N, H, W) uint8 lesion masks (probability >= `threshold`, default 0.5).
+    """
 
     def load_context(self, context: Any) -> None:
+        """Build the segmenter from the model's artifacts (weights and `segmenter.json`)."""
         from covseg.predict import LesionSegmenter
 
         self.segmenter = LesionSegmenter(*segmenter_from_artifacts(context.artifacts))
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 (MLflow reads hints as a schema)
+        """Lesion masks of `model_input` (params: `domain`, `threshold`)."""
         params = params or {}
         slices = [np.asarray(s, dtype=np.float32) for s in np.asarray(model_input)]
         preds = self.segmenter.predict_slices(slices, params.get("domain", "8bit"))

@@ -22,6 +22,7 @@ EXPERIMENT = "covseg"
 
 
 def enabled() -> bool:
+    """False when ``COVSEG_TRACKING`` is 0 / false / off: stages then log nothing to MLflow."""
     return os.environ.get("COVSEG_TRACKING", "1") not in ("0", "false", "off")
 
 
@@ -56,7 +57,7 @@ def pipeline_run_id(params: dict[str, Any]) -> str:
 
 
 def lineage(params: dict[str, Any]) -> dict[str, str]:
-    """git commit, data version (`data.dvc` md5), params hash and pipeline run id."""
+    """The lineage tags: git commit, data version (`data.dvc` md5), params hash and pipeline run id."""
     root = repo_root()
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
