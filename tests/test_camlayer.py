@@ -100,3 +100,14 @@ def test_accepted_layers_are_exactly_those_the_coarse_stage_can_use() -> None:
         else:
             with pytest.raises((RuntimeError, KeyError, ValueError)):
                 grad_cam(model, x, name)
+
+
+def test_classify_stage_refuses_a_bad_layer_before_training(trained_tiny, tmp_path) -> None:
+    """The check runs at the top of the classify stage: nothing trains, no output or checkpoint is written."""
+    from covseg.layout import run_stage
+
+    (tmp_path / "lungs").symlink_to(trained_tiny.stage("lungs"), target_is_directory=True)
+    params = {**trained_tiny.params, "coarse": {**trained_tiny.params["coarse"], "layer": "encoder.block9"}}
+    with pytest.raises(InputError, match="coarse.layer"):
+        run_stage("classify", tmp_path, trained_tiny.data, params)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lungs"]

@@ -206,7 +206,7 @@ def test_renamed_stage_command_keeps_a_hidden_deprecated_alias(trained_tiny, tmp
     project = make_project(tmp_path / "project")
     artifacts = project / "artifacts"
     artifacts.mkdir()
-    for stage in ("ingest", "lungs", "coarse", "mil", "segment"):
+    for stage in ("ingest", "lungs", "coarse", "mil", "segment", "refine"):
         (artifacts / stage).symlink_to(trained_tiny.stage(stage), target_is_directory=True)
     env = cli_env(project, COVSEG_TRACKING="0")
     listing = subprocess.run([str(BIN / "covseg"), "--help"], cwd=project, env=env, capture_output=True, text=True,

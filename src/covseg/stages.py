@@ -45,8 +45,10 @@ def lungs(ingest_dir: str | Path, out_dir: str | Path, params: dict[str, Any]) -
 def classify(lungs_dir: str | Path, out_dir: str | Path, params: dict[str, Any],
              checkpoint_dir: str | Path) -> dict:
     """Train the slice classifier; `metrics.json` holds validation AUC per source and the source probe."""
+    from covseg.camlayer import check_cam_layer
     from covseg.classify import train_classifier
 
+    check_cam_layer(params)  # a Grad-CAM layer the coarse stage cannot use fails now, not after training
     with tracking.stage_run("classify", params, "classify") as run, atomic_dir(out_dir) as scratch:
         result = train_classifier(lungs_dir, scratch, params, checkpoint_dir)
         _write_json(scratch / "metrics.json", result)
