@@ -134,3 +134,83 @@ def test_classify_stage_under_torchrun_matches_one_process(tiny_lungs: tuple[Pat
                  - _lung_view_probabilities(tmp_path / "two", params)).max()
     assert gap < PROBA_TOL
     assert runs["one"]["n_train"] == runs["two"]["n_train"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# out-of-core shards (covseg.shards): local folder and S3 (moto on loopback)
+
+
+def _lungs_arrays(artifacts: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    arrays = np.load(artifacts / "lungs" / "slices.npz")
+    return arrays["image"], arrays["lung"], arrays["side"]
+
+
+def _check_round_trip(source: Any, artifacts: Path, replicate: int) -> None:
+    from covseg.shards import iter_samples, rank_shards
+
+    images, lungs, sides = _lungs_arrays(artifacts)
+    n = len(images)
+    manifest = source.manifest()
+    assert manifest["n"] == replicate * n and len(source.index()) == replicate * n
+    samples = list(iter_samples(source, manifest["shards"]))
+    assert [s.row for s in samples] == list(range(replicate * n))
+    for s in samples:
+        original = s.row % n
+        assert s.image.dtype == np.float32 and np.array_equal(s.image, images[original])
+        assert np.array_equal(s.lung, lungs[original]) and np.array_equal(s.side, sides[original])
+        assert s.meta["row"] == s.row and ("replica_of" in s.meta) == (replicate > 1)
+    # rank-wise assignment: disjoint, covering
+    parts = [[r for shard in rank_shards(manifest, k, 2) for r in shard["rows"]] for k in range(2)]
+    assert not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == list(range(replicate * n))
+
+
+def test_shards_round_trip_local(tiny_lungs: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    from covseg.shards import LocalSource, write_shards
+
+    artifacts = tiny_lungs[0]
+    manifest = write_shards(artifacts / "lungs", tmp_path / "shards", slices_per_shard=5, replicate=2)
+    assert len(manifest["shards"]) == -(-manifest["n"] // 5)
+    _check_round_trip(LocalSource(tmp_path / "shards"), artifacts, replicate=2)
+    # the bytes are a function of the data alone (no timestamps): DVC sees no change when nothing changed
+    again = write_shards(artifacts / "lungs", tmp_path / "again", slices_per_shard=5, replicate=2)
+    for shard in again["shards"]:
+        assert (tmp_path / "again" / shard["name"]).read_bytes() == (tmp_path / "shards" / shard["name"]).read_bytes()
+
+
+def test_shards_stream_from_s3(tiny_lungs: tuple[Path, Path, Path], tmp_path: Path, moto_server: Any) -> None:
+    from covseg.shards import S3Source, open_source, upload_shards, write_shards
+
+    artifacts = tiny_lungs[0]
+    write_shards(artifacts / "lungs", tmp_path / "shards", slices_per_shard=4)
+    client = moto_server.s3_client()
+    url = moto_server.create_bucket("covseg-shards") + "/lungs/v1"
+    keys = upload_shards(tmp_path / "shards", url, client)
+    assert "lungs/v1/shards.json" in keys
+    source = open_source(url, client)
+    assert isinstance(source, S3Source)
+    _check_round_trip(source, artifacts, replicate=1)
+
+
+def test_balanced_batches_split_the_same_draw_across_ranks(tiny_lungs: tuple[Path, Path, Path],
+                                                          tmp_path: Path) -> None:
+    from covseg.shards import LocalSource, balanced_batches, draw_counts, rank_shards, write_shards
+
+    manifest = write_shards(tiny_lungs[0] / "lungs", tmp_path / "shards", slices_per_shard=3, replicate=4)
+    source = LocalSource(tmp_path / "shards")
+    index = source.index()
+    weights = np.where(index["label"].to_numpy() == 1, 1.0, 3.0)
+    counts = draw_counts(weights, 200, np.random.default_rng(7))
+    assert counts.sum() == 200
+    runs = [[b for b in balanced_batches(source, manifest, counts, 8, np.random.default_rng(k), k, 2,
+                                         buffer_size=16)] for k in range(2)]
+    assert len(runs[0]) == len(runs[1]) > 0  # same number of steps on every rank
+    for k, batches_ in enumerate(runs):
+        own = {r for shard in rank_shards(manifest, k, 2) for r in shard["rows"]}
+        rows = [s.row for b in batches_ for s in b]
+        assert all(len(b) == 8 for b in batches_) and set(rows) <= own
+        drawn = np.bincount(rows, minlength=len(counts))
+        assert (drawn <= counts).all()  # never a row more often than the draw says
+    # every rank takes as many full batches as the rank with fewer draws can fill; nothing else is dropped
+    per_rank = [int(counts[[r for shard in rank_shards(manifest, k, 2) for r in shard["rows"]]].sum())
+                for k in range(2)]
+    assert len(runs[0]) == min(per_rank) // 8
