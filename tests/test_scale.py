@@ -156,7 +156,7 @@ def _check_round_trip(source: Any, artifacts: Path, replicate: int) -> None:
     assert [s.row for s in samples] == list(range(replicate * n))
     for s in samples:
         original = s.row % n
-        assert s.image.dtype == np.float32 and np.array_equal(s.image, images[original])
+        assert s.image.dtype == images.dtype and np.array_equal(s.image, images[original])
         assert np.array_equal(s.lung, lungs[original]) and np.array_equal(s.side, sides[original])
         assert s.meta["row"] == s.row and ("replica_of" in s.meta) == (replicate > 1)
     # rank-wise assignment: disjoint, covering

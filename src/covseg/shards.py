@@ -2,7 +2,7 @@
 or from S3 (the DVC remote), each rank reading its own shards.
 
 Format: plain POSIX tars (`shard-000000.tar`, ...), each holding whole samples; a sample is the members
-`<key>.image.npy` (float32 S x S), `<key>.lung.npy` (bool), `<key>.side.npy` (uint8) and `<key>.json` (its
+`<key>.image.npy` (S x S, the lungs stage's dtype: float16), `<key>.lung.npy` (bool), `<key>.side.npy` (uint8) and `<key>.json` (its
 index row), written consecutively. `shards.json` lists the shards with the rows each holds, and
 `index.parquet` is the index of every row (one small row per slice: the balanced sampler needs the labels
 and sources, never the pixels).
@@ -81,7 +81,7 @@ class ShardWriter:
         if self._tar is None or len(self.shards[-1]["rows"]) >= self.slices_per_shard:
             self._roll()
         key = f"{row:09d}"
-        for name, array in zip(ARRAYS, (image.astype(np.float32), lung.astype(bool), side.astype(np.uint8)),
+        for name, array in zip(ARRAYS, (image, lung.astype(bool), side.astype(np.uint8)),
                                strict=True):
             _add(self._tar, f"{key}.{name}.npy", _npy(array))
         record = {**meta, "row": int(row)}
@@ -300,7 +300,7 @@ def balanced_batches(source: ShardSource, manifest: dict[str, Any], counts: np.n
 def stack(batch: Sequence[Sample], fill: float = 0.0,
           tissue_ceiling: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(B,1,S,S) float32 model inputs (lung-masked as `SliceSet.tensor`) and (B,) labels of a batch."""
-    images = np.stack([s.image for s in batch])
+    images = np.stack([s.image for s in batch]).astype(np.float32)
     lungs = np.stack([s.lung for s in batch])
     if tissue_ceiling is not None:
         images = np.where(lungs & (images < tissue_ceiling), images, fill).astype(np.float32)
