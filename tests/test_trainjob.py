@@ -213,3 +213,13 @@ def test_deleted_job_fails() -> None:
     with FakeApiServer({"job-gone": [[("ADDED", RUNNING), ("DELETED", RUNNING)]]}) as server:
         with pytest.raises(trainjob.TrainJobFailed, match="Deleted"):
             trainjob.run(_manifest(name="job-gone"), server.api(), timeout_s=60)
+
+
+def test_pipeline_runner_may_create_and_watch_the_job_kind() -> None:
+    """The runner's Role (infra/base/pipeline-runs/rbac.yaml) grants exactly what `trainjob.run` calls."""
+    docs = list(yaml.safe_load_all((Path(__file__).parents[1] / "infra" / "base" / "pipeline-runs" /
+                                    "rbac.yaml").read_text()))
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    rules = [r for r in role["rules"] if trainjob.GROUP in r["apiGroups"]]
+    assert rules == [{"apiGroups": [trainjob.GROUP], "resources": [trainjob.PLURAL],
+                      "verbs": ["create", "get", "list", "watch"]}]
