@@ -71,21 +71,24 @@ def stream(shards: str, batch: int, width: int, max_steps: int | None) -> dict[s
     from covseg.shards import balanced_batches, draw_counts, open_source, stack
 
     source = open_source(shards)
-    manifest, index = source.manifest(), source.index()
+    manifest, index = source.manifest(), source.index(["row", "split", "label", "source"])
     weights = _weights(index)
     rng = np.random.default_rng(0)
     counts = draw_counts(weights, int((weights > 0).sum()), rng)
     model, optimizer = _model(width)
     rss_before = _rss_mb()
-    n, start = 0, time.perf_counter()
+    n, step_s, start = 0, 0.0, time.perf_counter()
     for chosen in balanced_batches(source, manifest, counts, batch, rng, buffer_size=256):
         x, y = stack(chosen, fill=0.1, tissue_ceiling=0.55)
+        tick = time.perf_counter()
         _step(model, optimizer, x, y)
+        step_s += time.perf_counter() - tick
         n += len(chosen)
         if max_steps and n >= max_steps * batch:
             break
     seconds = time.perf_counter() - start
     return {"mode": "stream", "slices": n, "seconds": seconds, "slices_per_s": n / seconds,
+            "data_ms_per_slice": 1000 * (seconds - step_s) / n, "step_ms_per_slice": 1000 * step_s / n,
             "rss_before_train_mb": rss_before, "peak_rss_mb": _rss_mb(), "rows": int(manifest["n"])}
 
 
@@ -105,14 +108,18 @@ def in_memory(lungs: str, replicate: int, batch: int, width: int, max_steps: int
     rng = np.random.default_rng(0)
     model, optimizer = _model(width)
     rss_before = _rss_mb()
-    n, start = 0, time.perf_counter()
+    n, step_s, start = 0, 0.0, time.perf_counter()
     for chosen in batches(len(weights), batch, weights, rng, int((weights > 0).sum())):
-        _step(model, optimizer, slices.tensor(chosen).numpy(), labels[chosen])
+        x = slices.tensor(chosen).numpy()
+        tick = time.perf_counter()
+        _step(model, optimizer, x, labels[chosen])
+        step_s += time.perf_counter() - tick
         n += len(chosen)
         if max_steps and n >= max_steps * batch:
             break
     seconds = time.perf_counter() - start
     return {"mode": "in-memory", "slices": n, "seconds": seconds, "slices_per_s": n / seconds,
+            "data_ms_per_slice": 1000 * (seconds - step_s) / n, "step_ms_per_slice": 1000 * step_s / n,
             "rss_before_train_mb": rss_before, "peak_rss_mb": _rss_mb(), "rows": n_rows * replicate}
 
 
@@ -164,12 +171,14 @@ def main() -> None:
             "cores": os.cpu_count(), "omp_threads": os.environ.get("OMP_NUM_THREADS"), "argv": sys.argv[1:],
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     (HERE / "results.json").write_text(json.dumps({"meta": meta, "records": records}, indent=2))
-    print("| data | mode | rows | slices trained | slices/s | peak RSS (MB) | shards (MB) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| data | mode | rows | slices trained | slices/s | data ms/slice | step ms/slice | peak RSS (MB) | "
+          "shards (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in records:
         label = f"{r['replication']}x (replicated)" if r["replication"] > 1 else "1x (real)"
         print(f"| {label} | {r['mode']} | {r['rows']} | {r['slices']} | {r['slices_per_s']:.1f} | "
-              f"{r['peak_rss_mb']:.0f} | {r.get('shard_mb', float('nan')):.0f} |")
+              f"{r['data_ms_per_slice']:.1f} | {r['step_ms_per_slice']:.1f} | {r['peak_rss_mb']:.0f} | "
+              f"{r.get('shard_mb', float('nan')):.0f} |")
 
 
 if __name__ == "__main__":

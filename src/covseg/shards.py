@@ -158,8 +158,10 @@ class ShardSource:
     def manifest(self) -> dict[str, Any]:
         return json.loads(self.read_bytes(MANIFEST))
 
-    def index(self) -> pd.DataFrame:
-        return pd.read_parquet(io.BytesIO(self.read_bytes(INDEX)))
+    def index(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """The index of every row; `columns` limits it to what the sampler needs (a full index row is ~1.5 kB
+        in memory: file paths, hashes; four columns are a few dozen bytes)."""
+        return pd.read_parquet(io.BytesIO(self.read_bytes(INDEX)), columns=list(columns) if columns else None)
 
 
 class LocalSource(ShardSource):
