@@ -252,3 +252,25 @@ def test_mil_segment_refine_under_torchrun_match_one_process(tiny_lungs: tuple[P
         assert len(one) == len(two) > 0, name
         assert np.abs(np.array(one) - np.array(two)).max() < LOSS_TOL, (name, one, two)
         shutil.copytree(tmp_path / f"{name}-one" / stage(name).output, base / stage(name).output)
+
+
+def test_ranks_train_from_their_own_shards_with_averaged_gradients(tiny_lungs: tuple[Path, Path, Path],
+                                                                   tmp_path: Path) -> None:
+    """torchrun, 2 ranks, each streaming its own shards: disjoint reads, one model on both ranks, and that
+    model is what one process gets from the union of the ranks' batches (the all-reduce averages)."""
+    from covseg.shards import write_shards
+
+    worker = Path(__file__).with_name("ddp_stream_worker.py")
+    write_shards(tiny_lungs[0] / "lungs", tmp_path / "shards", slices_per_shard=3, replicate=4)
+    _run([*_torchrun(2), str(worker), str(tmp_path / "shards"), str(tmp_path / "two")], tmp_path)
+    ranks = [_read(tmp_path / "two", k) for k in range(2)]
+    assert not set(ranks[0]["own_rows"]) & set(ranks[1]["own_rows"])
+    for run in ranks:
+        assert run["world"] == 2 and run["steps"]
+        assert {r for step in run["steps"] for r in step} <= set(run["own_rows"])
+    assert len(ranks[0]["steps"]) == len(ranks[1]["steps"])
+    assert np.abs(_flat(ranks[0]) - _flat(ranks[1])).max() == 0.0
+    _run([sys.executable, str(worker), str(tmp_path / "shards"), str(tmp_path / "replay.json"),
+          *(f"{tmp_path / 'two'}.rank{k}" for k in range(2))], tmp_path)
+    replayed = json.loads((tmp_path / "replay.json").read_text())
+    assert np.abs(_flat(replayed) - _flat(ranks[0])).max() < EXACT_TOL

@@ -32,8 +32,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-_share = 1.0
-"""This rank's share of the current global batch (set by `shard`, read by the gradient hook)."""
+_share: float | None = None
+"""This rank's share of the current global batch (set by `shard`, read by the gradient hook); None (a loop
+that draws its local batches itself, e.g. from its own shards, all of one size): 1 / world size."""
 
 
 def env_world_size() -> int:
@@ -114,11 +115,13 @@ def sync_gradients(model: nn.Module, optimizer: torch.optim.Optimizer) -> Any:
     One flat all-reduce per step (one bucket), each rank's gradient weighted by its share of the global
     batch: the result is the gradient of the global batch's mean loss. Returns the hook handle
     (`.remove()` it when training ends)."""
+    global _share
     broadcast_module(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    _share = None
 
     def pre_step(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
-        flat = _flat_grads(params) * _share
+        flat = _flat_grads(params) * (_share if _share is not None else 1.0 / world_size())
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         offset = 0
         for p in params:

@@ -271,7 +271,10 @@ def balanced_batches(source: ShardSource, manifest: dict[str, Any], counts: np.n
     drawn; each drawn sample enters a shuffle buffer that many times and batches leave it in random order
     (WebDataset's buffer shuffle). Every rank yields the same number of batches (the smallest rank's), so
     the gradient all-reduce stays in step; the few draws beyond that are dropped. Memory: at most
-    `buffer_size + batch_size` samples, whatever the size of the data."""
+    `buffer_size + batch_size` samples, whatever the size of the data.
+
+    `rng` shuffles this rank's buffer: give each rank its own, and never the generator that drew `counts`
+    (that one must stay the same on every rank for the next epoch's draw)."""
     position = {row: i for i, row in enumerate(r for s in manifest["shards"] for r in s["rows"])}
     per_rank = [sum(int(counts[position[r]]) for s in rank_shards(manifest, k, world) for r in s["rows"])
                 for k in range(world)]
