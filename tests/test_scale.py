@@ -274,3 +274,30 @@ def test_ranks_train_from_their_own_shards_with_averaged_gradients(tiny_lungs: t
           *(f"{tmp_path / 'two'}.rank{k}" for k in range(2))], tmp_path)
     replayed = json.loads((tmp_path / "replay.json").read_text())
     assert np.abs(_flat(replayed) - _flat(ranks[0])).max() < EXACT_TOL
+
+
+def test_stage_job_reads_inputs_from_s3_and_rank0_uploads_the_output(
+        tiny_lungs: tuple[Path, Path, Path], tmp_path: Path, moto_server: Any) -> None:
+    """What a PyTorchJob pod runs (`covseg.trainjob.torchrun_command`): inputs downloaded from S3 (moto on
+    loopback), the stage trained on 2 ranks, the output uploaded by rank 0, checkpoints kept under an S3
+    prefix while training and swept after."""
+    from servers import FAKE_AWS_ENV
+
+    from covseg.distributed import upload_folder
+
+    artifacts, data, params_file = tiny_lungs
+    client = moto_server.s3_client()
+    moto_server.create_bucket("covseg-run")
+    assert upload_folder(artifacts / "lungs", "s3://covseg-run/r1/lungs", moto_server.endpoint_url) == 2
+    env = {**_env(), **FAKE_AWS_ENV}
+    env.pop("AWS_ENDPOINT_URL", None)
+    cmd = [*_torchrun(2), "-m", "covseg.distributed", "classify", str(tmp_path / "pod"), str(data),
+           params_file.read_text(), "--input", "lungs=s3://covseg-run/r1/lungs",
+           "--output-uri", "s3://covseg-run/r1/classify", "--checkpoint-root", "s3://covseg-run/ckpt",
+           "--s3-endpoint-url", moto_server.endpoint_url]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="covseg-run").get("Contents", [])}
+    assert {"r1/classify/classifier.pt", "r1/classify/classifier.json", "r1/classify/metrics.json"} <= keys
+    assert not [k for k in keys if k.startswith("ckpt/")]  # swept once the stage finished
+    assert json.loads(client.get_object(Bucket="covseg-run", Key="r1/classify/metrics.json")["Body"].read())["history"]

@@ -55,8 +55,10 @@ def _errors(validator: Any, manifest: dict[str, Any]) -> list[str]:
 
 def _manifest(**kw: Any) -> dict[str, Any]:
     args: dict[str, Any] = {"name": "covseg-segment-1", "image": "ghcr.io/example/covseg:cuda",
-                            "command": trainjob.torchrun_command("segment", "/mnt/artifacts", "/mnt/data",
-                                                                 "/mnt/params.json"),
+                            "command": trainjob.torchrun_command(
+                                "segment", "/tmp/artifacts", "/tmp/data", '{"seed": 1}',
+                                {"lungs": "s3://b/run/lungs", "mil": "s3://b/run/mil"}, "s3://b/run/segment",
+                                "s3://b/ckpt"),
                             "num_nodes": 2, "gpus_per_node": 4, "service_account": "covseg-pipeline-runner",
                             "env": {"COVSEG_TRACKING": "1"}}
     return trainjob.pytorchjob_manifest(**{**args, **kw})
@@ -74,6 +76,8 @@ def test_manifest_validates_against_the_operator_crd(validator: Any, nodes: int,
     pod = replicas["Master"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["name"] == "pytorch" and container["command"][:3] == ["torchrun", "-m", "covseg.distributed"]
+    assert container["command"][-8:] == ["--input", "lungs=s3://b/run/lungs", "--input", "mil=s3://b/run/mil",
+                                         "--output-uri", "s3://b/run/segment", "--checkpoint-root", "s3://b/ckpt"]
     pool = gpu_pool.load()
     if gpus:  # placement from the one source Terraform also reads
         assert container["resources"]["limits"][pool["accelerator_resource"]] == str(gpus)

@@ -31,10 +31,20 @@ class TrainJobFailed(RuntimeError):
         self.name, self.reason, self.message = name, reason, message
 
 
-def torchrun_command(stage: str, artifacts: str, data: str, params_file: str) -> list[str]:
+def torchrun_command(stage: str, artifacts: str, data: str, params: str, inputs: dict[str, str] | None = None,
+                     output_uri: str = "", checkpoint_root: str = "", s3_endpoint_url: str = "") -> list[str]:
     """The container command of every replica: torchrun reads nodes, node rank, processes per node and the
-    master's address from the PET_* environment the operator sets."""
-    return ["torchrun", "-m", "covseg.distributed", stage, artifacts, data, params_file]
+    master's address from the PET_* environment the operator sets; `covseg.distributed` downloads the
+    `inputs` (name -> s3:// prefix, e.g. a KFP input artifact's URI), trains, and rank 0 uploads the output to
+    `output_uri` (the KFP output artifact's URI). `params`: a JSON file in the image, or the JSON itself."""
+    command = ["torchrun", "-m", "covseg.distributed", stage, artifacts, data, params]
+    for name, url in sorted((inputs or {}).items()):
+        command += ["--input", f"{name}={url}"]
+    for flag, value in (("--output-uri", output_uri), ("--checkpoint-root", checkpoint_root),
+                        ("--s3-endpoint-url", s3_endpoint_url)):
+        if value:
+            command += [flag, value]
+    return command
 
 
 def pytorchjob_manifest(name: str, image: str, command: Sequence[str], num_nodes: int, gpus_per_node: int,
