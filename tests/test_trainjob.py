@@ -227,3 +227,21 @@ def test_pipeline_runner_may_create_and_watch_the_job_kind() -> None:
     rules = [r for r in role["rules"] if trainjob.GROUP in r["apiGroups"]]
     assert rules == [{"apiGroups": [trainjob.GROUP], "resources": [trainjob.PLURAL],
                       "verbs": ["create", "get", "list", "watch"]}]
+
+
+def test_launch_stage_submits_the_stage_command_and_waits(validator: Any) -> None:
+    params = {"seed": 1, "segment": {"epochs": 2}}
+    name = trainjob.job_name("segment", "Run_2026-12-02T11:00:00Z")
+    assert name == "covseg-segment-run-2026-12-02t11-00-00z" and len(trainjob.job_name("x", "y" * 100)) == 63
+    script = {name: [[("ADDED", RUNNING), ("MODIFIED", _condition("Succeeded", "PyTorchJobSucceeded"))]]}
+    with FakeApiServer(script) as server:
+        trainjob.launch_stage("segment", "Run_2026-12-02T11:00:00Z", "img:1", params,
+                              {"lungs": "s3://b/r/lungs", "mil": "s3://b/r/mil"}, "s3://b/r/segment",
+                              num_nodes=2, gpus_per_node=4, api=server.api(), timeout_s=60)
+    body = server.requests[0]["body"]
+    assert _errors(validator, body) == []
+    (container,) = body["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
+    command = container["command"]
+    assert command[3:5] == ["segment", "/tmp/covseg/artifacts"] and json.loads(command[6]) == params
+    assert "--output-uri" in command and command[command.index("--output-uri") + 1] == "s3://b/r/segment"
+    assert body["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1 and body["spec"]["nprocPerNode"] == "4"

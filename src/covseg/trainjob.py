@@ -155,3 +155,28 @@ def run(manifest: dict[str, Any], api: Any = None, timeout_s: float = 24 * 3600)
     api = api or custom_objects_api()
     submit(manifest, api)
     return wait(manifest["metadata"]["name"], manifest["metadata"]["namespace"], api, timeout_s)
+
+
+def job_name(stage: str, run_id: str) -> str:
+    """A DNS-1123 name, unique per pipeline run and stage (`covseg-<stage>-<run id>`, at most 63 chars)."""
+    import re
+
+    slug = re.sub(r"[^a-z0-9-]+", "-", f"covseg-{stage}-{run_id}".lower()).strip("-")
+    return slug[:63].rstrip("-")
+
+
+def launch_stage(stage: str, run_id: str, image: str, params: dict[str, Any], inputs: dict[str, str],
+                 output_uri: str, num_nodes: int, gpus_per_node: int, checkpoint_root: str = "",
+                 s3_endpoint_url: str = "", namespace: str = "kubeflow",
+                 service_account: str = "covseg-pipeline-runner", env: dict[str, str] | None = None,
+                 api: Any = None, timeout_s: float = 24 * 3600) -> dict[str, Any]:
+    """What a pipeline training task does in distributed mode: run `stage` as a PyTorchJob of `num_nodes`
+    pods with `gpus_per_node` GPUs each, inputs read from and the output written to the task's artifact
+    URIs, and wait; raises `TrainJobFailed` (failing the task) with the job's reason."""
+    import json
+
+    command = torchrun_command(stage, "/tmp/covseg/artifacts", "/tmp/covseg/data", json.dumps(params, sort_keys=True),
+                               inputs, output_uri, checkpoint_root, s3_endpoint_url)
+    manifest = pytorchjob_manifest(job_name(stage, run_id), image, command, num_nodes, gpus_per_node,
+                                   namespace=namespace, env=env, service_account=service_account)
+    return run(manifest, api, timeout_s)
