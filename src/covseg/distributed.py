@@ -1,6 +1,7 @@
 """Data-parallel training with torch.distributed: one process per GPU (or CPU process), launched by
-`torchrun` locally or by the Kubeflow Trainer / Training Operator on Kubernetes (both set the torchrun
-environment: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+`torchrun`, locally or in the pods of a Training Operator PyTorchJob (`covseg.trainjob`; the operator gives
+torchrun its PET_* settings). torchrun sets each process's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT, which `init_from_env` reads.
 
 How the existing training loops become data-parallel without being rewritten (`training.batches`,
 `training.fit` call in here only when a process group with more than one rank is up; one process behaves
@@ -10,21 +11,23 @@ exactly as before):
   each rank a disjoint contiguous part of it (the `DistributedSampler` idea applied to weighted draws);
 * before each optimizer step the gradients are all-reduced, each rank's weighted by its share of the global
   batch, so every rank steps with the gradient of the mean loss over the global batch (what DDP computes;
-  the loops call their module directly, so the reduction is a step pre-hook rather than the DDP wrapper,
-  see `sync_gradients`; `wrap_ddp` is there for loops that call the wrapper);
+  the loops call their module directly, not a `DistributedDataParallel` wrapper, so the reduction is an
+  optimizer step pre-hook, see `sync_gradients`; one flat all-reduce per step, without DDP's overlap of
+  communication with the backward pass: whether that matters for these 1-2 M parameter networks is not
+  measured);
 * rank 0 alone writes checkpoints; a resumed run reads rank 0's checkpoint and broadcasts it;
 * epoch records (losses) are averaged over the ranks, so the history is the global one.
 
-BatchNorm statistics stay per rank (as in DDP without SyncBatchNorm): with a local batch of B/world the
-normalisation differs slightly from one process with batch B; that and the per-rank augmentation draws are
-why the equivalence test states a tolerance rather than equality.
+BatchNorm statistics stay per rank (as in DDP without SyncBatchNorm, which torch runs on GPUs only): with a
+local batch of B/world the normalisation differs slightly from one process with batch B; that, the per-rank
+augmentation draws and dropout masks are why the stage-level equivalence tests state a tolerance rather than
+equality (tests/test_scale.py; a network without them matches one process to float rounding).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -168,24 +171,6 @@ def mean_record(record: dict[str, Any]) -> dict[str, Any]:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
-
-
-def wrap_ddp(model: nn.Module) -> nn.Module:
-    """`DistributedDataParallel(model)` when distributed (device ids for CUDA), else `model` itself: for
-    loops that call the returned module, so DDP's bucketed, overlapped all-reduce does the reduction."""
-    if not is_distributed():
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    dev = next(model.parameters()).device
-    return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-
-
-def rank_items(items: Iterable[Any], rank_: int | None = None, world: int | None = None) -> list[Any]:
-    """Round-robin part of `items` for a rank (shards for the readers: rank r takes items r, r+W, ...)."""
-    rank_ = rank() if rank_ is None else rank_
-    world = world_size() if world is None else world
-    return list(items)[rank_::world]
 
 
 def _s3(endpoint_url: str = "") -> Any:
