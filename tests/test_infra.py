@@ -487,38 +487,48 @@ class _TfEval:
         raise ValueError(f"expression not supported by the test evaluator: {e}")
 
 
-def _gpu_node_config() -> tuple[dict, _TfEval]:
+def _gpu_node_configs() -> tuple[dict[str, dict], _TfEval]:
+    """node_config of every GPU node pool resource, by resource name (the single-GPU pool and its
+    multi-GPU variant for distributed training)."""
     tf = _tf()
-    pools = [
-        body
+    pools = {
+        name.strip('"'): body
         for block in tf["resource"]
         for rtype, named in block.items()
         if rtype.strip('"') == "google_container_node_pool"
-        for body in named.values()
-    ]
-    assert len(pools) == 1
-    (node_config,) = pools[0]["node_config"]
-    assert node_config["guest_accelerator"], "the GPU pool needs a guest_accelerator"
-    return node_config, _TfEval(tf)
+        for name, body in named.items()
+    }
+    assert set(pools) == {"gpu", "gpu_multi"}
+    configs = {}
+    for name, body in pools.items():
+        (node_config,) = body["node_config"]
+        assert node_config["guest_accelerator"], f"the GPU pool {name} needs a guest_accelerator"
+        configs[name] = node_config
+    return configs, _TfEval(tf)
+
+
+def _gpu_node_config() -> tuple[dict, _TfEval]:
+    configs, ev = _gpu_node_configs()
+    return configs["gpu"], ev
 
 
 def test_gpu_node_pool_label_and_taint_come_from_gpu_pool_json() -> None:
-    node_config, ev = _gpu_node_config()
-    labels = {ev(k): ev(v) for k, v in node_config["labels"].items() if not k.startswith("__")}
-    (taint,) = node_config["taint"]
+    configs, ev = _gpu_node_configs()
     pool = gpu_pool.load()  # what the pipeline will use
     assert pool == json.loads((INFRA / "gpu_pool.json").read_text())
-    assert labels == {pool["node_selector"]["key"]: pool["node_selector"]["value"]}
-    assert ev(taint["key"]) == pool["toleration"]["key"]
-    assert ev(taint["value"]) == pool["toleration"]["value"]
-    # Kubernetes CamelCase -> GKE UPPER_SNAKE: NoSchedule -> NO_SCHEDULE
-    expected_effect = re.sub(r"(?<!^)(?=[A-Z])", "_", pool["toleration"]["effect"]).upper()
-    assert ev(taint["effect"]) == expected_effect
+    for node_config in configs.values():  # both pools: one placement contract
+        labels = {ev(k): ev(v) for k, v in node_config["labels"].items() if not k.startswith("__")}
+        (taint,) = node_config["taint"]
+        assert labels == {pool["node_selector"]["key"]: pool["node_selector"]["value"]}
+        assert ev(taint["key"]) == pool["toleration"]["key"]
+        assert ev(taint["value"]) == pool["toleration"]["value"]
+        # Kubernetes CamelCase -> GKE UPPER_SNAKE: NoSchedule -> NO_SCHEDULE
+        expected_effect = re.sub(r"(?<!^)(?=[A-Z])", "_", pool["toleration"]["effect"]).upper()
+        assert ev(taint["effect"]) == expected_effect
     # ... and nowhere written out by hand, where it could drift from the JSON.
     tf_text = "".join(f.read_text() for f in TERRAFORM.glob("*.tf"))
     for literal in (pool["node_selector"]["key"], pool["toleration"]["key"]):
         assert f'"{literal}"' not in tf_text
-
 
 
 def test_gpu_pool_reads_the_repository_file() -> None:

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from covseg import distributed
 from covseg.harmonise import INDEX, SLICES
 from covseg.progress import progress
 
@@ -182,13 +183,16 @@ def balanced_weights(rows: pd.DataFrame) -> np.ndarray:
 
 def batches(n_items: int, batch_size: int, weights: np.ndarray | None, rng: np.random.Generator,
             n_draws: int | None = None) -> Iterator[np.ndarray]:
-    """Index batches: weighted draws with replacement when `weights` is given, else a shuffled pass."""
+    """Index batches: weighted draws with replacement when `weights` is given, else a shuffled pass.
+
+    Under torch.distributed every rank draws the same global batches (same seed) and yields its own disjoint
+    part of each (`distributed.shard`)."""
     if weights is None:
         order = rng.permutation(n_items)
     else:
         order = rng.choice(n_items, size=n_draws or n_items, replace=True, p=weights / weights.sum())
     for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
+        yield distributed.shard(order[start:start + batch_size])
 
 
 def fit(model: nn.Module, epochs: int, run_epoch: Callable[[int], dict[str, float]],
@@ -200,27 +204,46 @@ def fit(model: nn.Module, epochs: int, run_epoch: Callable[[int], dict[str, floa
     once training completes. Name it with `checkpoint_path` so a changed configuration never resumes.
     The states of `rngs` (the generators `run_epoch` draws from) and of torch's global generators (dropout)
     are checkpointed too, so a resumed run ends with the weights an uninterrupted one would have.
+
+    Under torch.distributed (`covseg.distributed`) gradients are all-reduced before each step, the epoch
+    records are averaged over the ranks, and rank 0 alone writes (and removes) the checkpoint; a resumed
+    run reads rank 0's checkpoint and broadcasts it, and every rank ends with rank 0's weights.
     """
     history: list[dict[str, Any]] = []
     start = 0
-    if checkpoint.is_file():
+    parallel = distributed.is_distributed()
+    main = distributed.is_main()
+    state = None
+    if main and checkpoint.is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if parallel:
+        state = distributed.broadcast_object(state)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history = json.loads(state["history"])
         start = len(history)
         _set_random_state(state["random"], rngs)
-    bar = progress(range(start, epochs), desc=desc, unit="epoch", initial=start, total=epochs)
+    hook = distributed.sync_gradients(model, optimizer) if parallel else None
+    bar = progress(range(start, epochs), desc=desc, unit="epoch", initial=start, total=epochs, disable=not main)
     for epoch in bar:
         model.train()
         record = {"epoch": epoch, **run_epoch(epoch)}
+        if parallel:
+            record = distributed.mean_record(record)
         history.append(record)
         bar.set_postfix({k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
-        tmp = checkpoint.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "history": json.dumps(history), "random": _random_state(rngs)}, tmp)
-        tmp.replace(checkpoint)
-    checkpoint.unlink(missing_ok=True)
+        if main:
+            tmp = checkpoint.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "history": json.dumps(history), "random": _random_state(rngs)}, tmp)
+            tmp.replace(checkpoint)
+    if hook is not None:
+        hook.remove()
+        distributed.broadcast_module(model)
+        distributed.barrier()
+    if main:
+        checkpoint.unlink(missing_ok=True)
     return history
 
 

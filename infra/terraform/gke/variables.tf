@@ -77,3 +77,35 @@ variable "disk_size_gb" {
   type        = number
   default     = 100
 }
+
+# ------------------------------------------------------------------ multi-GPU pool (distributed training)
+
+variable "multi_gpu_max_nodes" {
+  description = "Autoscaler maximum of the multi-GPU pool per zone; 0 = no multi-GPU pool. It scales from zero."
+  type        = number
+  default     = 0
+}
+
+variable "multi_gpu_pool_name" {
+  description = "Name of the multi-GPU node pool."
+  type        = string
+  default     = "covseg-gpu-multi"
+}
+
+variable "multi_gpu_machine_type" {
+  description = "Machine type of the multi-GPU pool; must carry multi_gpu_accelerator_count accelerators."
+  type        = string
+  default     = "g2-standard-48"
+}
+
+variable "multi_gpu_accelerator_type" {
+  description = "GKE accelerator type of the multi-GPU pool."
+  type        = string
+  default     = "nvidia-l4"
+}
+
+variable "multi_gpu_accelerator_count" {
+  description = "GPUs per node of the multi-GPU pool (the PyTorchJob's gpus_per_node at most)."
+  type        = number
+  default     = 4
+}
