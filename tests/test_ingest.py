@@ -38,7 +38,7 @@ SCHEMA = {
     "label": "int", "domain": "str", "spacing_x": "float", "spacing_y": "float", "spacing_z": "float",
     "height": "int", "width": "int", "file": "str", "z": "int", "sha256": "str", "raw_path": "str",
     "pix_min": "float", "pix_max": "float", "pix_mean": "float", "nan_count": "int", "mask_file": "str",
-    "role": "str", "split": "str",
+    "role": "str", "split": "str", "lesion_left": "int", "lesion_right": "int",
 }
 ROTATE = {"coronacases": 1, "radiopaedia": -1, "medseg": -1}  # as in params.yaml
 P001_SPACING = (0.748046875, 0.748046875, 4.0)

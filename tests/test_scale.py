@@ -120,7 +120,7 @@ def test_classify_stage_under_torchrun_matches_one_process(tiny_lungs: tuple[Pat
     for name, launcher in (("one", [sys.executable]), ("two", _torchrun(2))):
         folder = tmp_path / name
         shutil.copytree(artifacts, folder)
-        _run([*launcher, "-m", "covseg.distributed", "classify", str(folder), str(data), str(params_file),
+        _run([*launcher, "-m", "covseg.launch", "classify", str(folder), str(data), str(params_file),
               "--result", str(tmp_path / f"{name}.json")], tmp_path)
         runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
         assert (folder / "classify" / "classifier.pt").is_file()
@@ -244,7 +244,7 @@ def test_mil_segment_refine_under_torchrun_match_one_process(tiny_lungs: tuple[P
             folder = tmp_path / f"{name}-{run}"
             shutil.copytree(base, folder)
             out = tmp_path / f"{name}-{run}.json"
-            _run([*launcher, "-m", "covseg.distributed", name, str(folder), str(data), str(params_file),
+            _run([*launcher, "-m", "covseg.launch", name, str(folder), str(data), str(params_file),
                   "--result", str(out)], tmp_path)
             results[run] = json.loads(out.read_text())
             assert (folder / stage(name).output).is_dir() and not list((folder / "checkpoints").glob("*.ckpt"))
@@ -283,7 +283,7 @@ def test_stage_job_reads_inputs_from_s3_and_rank0_uploads_the_output(
     prefix while training and swept after."""
     from servers import FAKE_AWS_ENV
 
-    from covseg.distributed import upload_folder
+    from covseg.launch import upload_folder
 
     artifacts, data, params_file = tiny_lungs
     client = moto_server.s3_client()
@@ -291,7 +291,7 @@ def test_stage_job_reads_inputs_from_s3_and_rank0_uploads_the_output(
     assert upload_folder(artifacts / "lungs", "s3://covseg-run/r1/lungs", moto_server.endpoint_url) == 2
     env = {**_env(), **FAKE_AWS_ENV}
     env.pop("AWS_ENDPOINT_URL", None)
-    cmd = [*_torchrun(2), "-m", "covseg.distributed", "classify", str(tmp_path / "pod"), str(data),
+    cmd = [*_torchrun(2), "-m", "covseg.launch", "classify", str(tmp_path / "pod"), str(data),
            params_file.read_text(), "--input", "lungs=s3://covseg-run/r1/lungs",
            "--output-uri", "s3://covseg-run/r1/classify", "--checkpoint-root", "s3://covseg-run/ckpt",
            "--s3-endpoint-url", moto_server.endpoint_url]

@@ -219,7 +219,7 @@ def test_register_step_never_logs_the_secret(mlflow_server: str, trained_tiny: A
     raw = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
     raw["tiny"]["register"]["name"] = name
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    for stage in ("ingest", "segment"):
+    for stage in ("ingest", "refine"):  # register takes the refine stage's model
         (project / "artifacts").mkdir(exist_ok=True)
         (project / "artifacts" / stage).symlink_to(trained_tiny.stage(stage), target_is_directory=True)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)

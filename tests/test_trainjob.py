@@ -75,7 +75,7 @@ def test_manifest_validates_against_the_operator_crd(validator: Any, nodes: int,
     assert replicas.get("Worker", {}).get("replicas", 0) == nodes - 1
     pod = replicas["Master"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["name"] == "pytorch" and container["command"][:3] == ["torchrun", "-m", "covseg.distributed"]
+    assert container["name"] == "pytorch" and container["command"][:3] == ["torchrun", "-m", "covseg.launch"]
     assert container["command"][-8:] == ["--input", "lungs=s3://b/run/lungs", "--input", "mil=s3://b/run/mil",
                                          "--output-uri", "s3://b/run/segment", "--checkpoint-root", "s3://b/ckpt"]
     pool = gpu_pool.load()

@@ -6,7 +6,7 @@ tests/fixtures/kubeflow/) rather than Kubeflow Trainer's `TrainJob` (trainer.kub
 PyTorchJob is self-contained (image, command, replicas, nodes), where a TrainJob also needs a cluster-wide
 `ClusterTrainingRuntime` installed and kept in step with it. The operator runs one pod per node, sets the
 torchrun environment (`PET_NNODES`, `PET_NPROC_PER_NODE`, `PET_NODE_RANK`, `PET_MASTER_ADDR`,
-`PET_MASTER_PORT`) and the command is `torchrun ... -m covseg.distributed STAGE ...`, which reads it.
+`PET_MASTER_PORT`) and the command is `torchrun ... -m covseg.launch STAGE ...`, which reads it.
 
 Placement: GPU pods get the GPU pool's nodeSelector and toleration from `infra/gpu_pool.json`
 (`covseg.gpu_pool`), the one source Terraform also reads.
@@ -34,10 +34,10 @@ class TrainJobFailed(RuntimeError):
 def torchrun_command(stage: str, artifacts: str, data: str, params: str, inputs: dict[str, str] | None = None,
                      output_uri: str = "", checkpoint_root: str = "", s3_endpoint_url: str = "") -> list[str]:
     """The container command of every replica: torchrun reads nodes, node rank, processes per node and the
-    master's address from the PET_* environment the operator sets; `covseg.distributed` downloads the
+    master's address from the PET_* environment the operator sets; `covseg.launch` downloads the
     `inputs` (name -> s3:// prefix, e.g. a KFP input artifact's URI), trains, and rank 0 uploads the output to
     `output_uri` (the KFP output artifact's URI). `params`: a JSON file in the image, or the JSON itself."""
-    command = ["torchrun", "-m", "covseg.distributed", stage, artifacts, data, params]
+    command = ["torchrun", "-m", "covseg.launch", stage, artifacts, data, params]
     for name, url in sorted((inputs or {}).items()):
         command += ["--input", f"{name}={url}"]
     for flag, value in (("--output-uri", output_uri), ("--checkpoint-root", checkpoint_root),
@@ -51,7 +51,7 @@ def pytorchjob_manifest(name: str, image: str, command: Sequence[str], num_nodes
                         namespace: str = "kubeflow", pool: dict[str, Any] | None = None,
                         env: dict[str, str] | None = None, service_account: str | None = None,
                         cpu: str = "4", memory: str = "16Gi", backoff_limit: int = 2,
-                        ttl_seconds_after_finished: int = 86400) -> dict[str, Any]:
+                        ttl_seconds_after_finished: int = 86400, secret_env: str = "") -> dict[str, Any]:
     """A PyTorchJob running `command` on `num_nodes` pods (one Master, num_nodes - 1 Workers) of
     `gpus_per_node` GPUs each, one process per GPU (one process per pod on CPU-only pods, gpus_per_node=0).
 
@@ -64,6 +64,8 @@ def pytorchjob_manifest(name: str, image: str, command: Sequence[str], num_nodes
         "env": [{"name": k, "value": v} for k, v in sorted((env or {}).items())],
         "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}},
     }
+    if secret_env:  # S3 credentials from the pipeline's secret, never written into the manifest
+        container["envFrom"] = [{"secretRef": {"name": secret_env, "optional": True}}]
     pod: dict[str, Any] = {"containers": [container]}
     if service_account:
         pod["serviceAccountName"] = service_account
@@ -169,7 +171,7 @@ def launch_stage(stage: str, run_id: str, image: str, params: dict[str, Any], in
                  output_uri: str, num_nodes: int, gpus_per_node: int, checkpoint_root: str = "",
                  s3_endpoint_url: str = "", namespace: str = "kubeflow",
                  service_account: str = "covseg-pipeline-runner", env: dict[str, str] | None = None,
-                 api: Any = None, timeout_s: float = 24 * 3600) -> dict[str, Any]:
+                 api: Any = None, timeout_s: float = 24 * 3600, secret_env: str = "") -> dict[str, Any]:
     """What a pipeline training task does in distributed mode: run `stage` as a PyTorchJob of `num_nodes`
     pods with `gpus_per_node` GPUs each, inputs read from and the output written to the task's artifact
     URIs, and wait; raises `TrainJobFailed` (failing the task) with the job's reason."""
@@ -178,5 +180,37 @@ def launch_stage(stage: str, run_id: str, image: str, params: dict[str, Any], in
     command = torchrun_command(stage, "/tmp/covseg/artifacts", "/tmp/covseg/data", json.dumps(params, sort_keys=True),
                                inputs, output_uri, checkpoint_root, s3_endpoint_url)
     manifest = pytorchjob_manifest(job_name(stage, run_id), image, command, num_nodes, gpus_per_node,
-                                   namespace=namespace, env=env, service_account=service_account)
+                                   namespace=namespace, env=env, service_account=service_account,
+                                   secret_env=secret_env)
     return run(manifest, api, timeout_s)
+
+
+JOB_IMAGE_ENV = "COVSEG_JOB_IMAGE"
+"""Image of a training task's PyTorchJob pods: the pipeline sets it on its training tasks (the CUDA image)."""
+S3_SECRET = "covseg-s3"
+"""The Secret the pipeline's S3 tasks read their credentials from; the job's pods read the same one."""
+
+
+def train_in_job(stage: str, input_uris: dict[str, str], output_uri: str, output_path: str, params: dict[str, Any],
+                 num_nodes: int, gpus_per_node: int, checkpoint_root: str = "", s3_endpoint_url: str = "",
+                 api: Any = None, timeout_s: float = 24 * 3600) -> dict[str, Any]:
+    """A pipeline training task in distributed mode: `launch_stage` as a PyTorchJob, then the output rank 0
+    uploaded to `output_uri` brought into `output_path` (the task's output artifact); returns the stage's
+    result as the stage wrote it (`metrics.json`; `rounds.json` for refine)."""
+    import json
+    import os
+    from pathlib import Path
+
+    from covseg.launch import download_prefix
+
+    image = os.environ.get(JOB_IMAGE_ENV, "")
+    if not image:
+        raise ValueError(f"${JOB_IMAGE_ENV} names no image: the pipeline sets it on its training tasks")
+    launch_stage(stage, os.environ.get("COVSEG_PIPELINE_RUN_ID", "run"), image, params, input_uris, output_uri,
+                 num_nodes, gpus_per_node, checkpoint_root, s3_endpoint_url, api=api, timeout_s=timeout_s,
+                 secret_env=S3_SECRET)
+    if not download_prefix(output_uri, output_path, s3_endpoint_url):
+        raise TrainJobFailed(job_name(stage, os.environ.get("COVSEG_PIPELINE_RUN_ID", "run")), "NoOutput",
+                             f"the job succeeded but wrote nothing under {output_uri}")
+    result = Path(output_path) / ("rounds.json" if stage == "refine" else "metrics.json")
+    return json.loads(result.read_text())
