@@ -8,7 +8,8 @@ from components.settings import BASE_IMAGE, log_numbers, use_tracking
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False, additional_funcs=[log_numbers, use_tracking])
 def classify(slices: Input[Dataset], params_json: str, mlflow_tracking_uri: str, data_version: str,
-             checkpoint_root: str, s3_endpoint_url: str, classifier: Output[Model], metrics: Output[Metrics]) -> None:
+             checkpoint_root: str, s3_endpoint_url: str, classifier: Output[Model], metrics: Output[Metrics],
+             num_nodes: int = 1, gpus_per_node: int = 1) -> None:
     """Trains the slice classifier, balanced by label and source; reports validation AUC and the source probe.
 
     Binds `covseg.stages.classify`, its epoch checkpoints kept by `covseg.checkpoint_store.durable_checkpoints`.
@@ -24,6 +25,9 @@ def classify(slices: Input[Dataset], params_json: str, mlflow_tracking_uri: str,
         s3_endpoint_url: S3 endpoint of an s3:// `checkpoint_root` (MinIO in dev); empty for AWS S3.
         classifier: Output folder: ``classifier.pt`` and ``metrics.json``.
         metrics: ``val_auc.<source>`` and ``probe.source_auc_val``, training and validation sizes.
+        num_nodes: Pods of a distributed run (a PyTorchJob of the Training Operator, `covseg.trainjob`);
+            when `num_nodes` x `gpus_per_node` > 1 the stage trains there and this task waits for it.
+        gpus_per_node: GPUs (processes) per pod of a distributed run.
     """
     import json
 
@@ -31,6 +35,13 @@ def classify(slices: Input[Dataset], params_json: str, mlflow_tracking_uri: str,
     from covseg.checkpoint_store import durable_checkpoints
 
     use_tracking(mlflow_tracking_uri, data_version)
-    with durable_checkpoints(checkpoint_root, "classify", s3_endpoint_url) as checkpoints:
-        result = stages.classify(slices.path, classifier.path, json.loads(params_json), checkpoints)
+    if num_nodes * gpus_per_node > 1:  # a PyTorchJob trains; rank 0 writes the output artifact
+        from covseg.trainjob import train_in_job
+
+        result = train_in_job("classify", {"lungs": slices.uri},
+                              classifier.uri, classifier.path, json.loads(params_json), num_nodes, gpus_per_node,
+                              checkpoint_root, s3_endpoint_url)
+    else:
+        with durable_checkpoints(checkpoint_root, "classify", s3_endpoint_url) as checkpoints:
+            result = stages.classify(slices.path, classifier.path, json.loads(params_json), checkpoints)
     log_numbers(metrics, {key: result[key] for key in ("val_auc", "probe", "n_train", "n_val")})

@@ -35,6 +35,7 @@ from components.segment import segment
 from components.settings import CHECKPOINT_ROOT, GPU_IMAGE, MLFLOW_TRACKING_URI
 from covseg import gpu_pool
 from covseg.config import load_params
+from covseg.trainjob import JOB_IMAGE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 """The checkout: its params.yaml gives the compiled default of `params_json`."""
@@ -110,6 +111,8 @@ def _configure(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
         # The KFP API server labels every pod of a run with its run id: it tags the stage's MLflow run.
         kubernetes.use_field_path_as_env(task, env_name="COVSEG_PIPELINE_RUN_ID",
                                          field_path="metadata.labels['pipeline/runid']")
+    if name in TRAINING_TASKS:  # the image of the PyTorchJob a distributed run submits (covseg.trainjob)
+        task.set_env_variable(JOB_IMAGE_ENV, GPU_IMAGE)
     if name in S3_TASKS:
         kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={
             "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"},
@@ -126,6 +129,8 @@ def training_pipeline(
     s3_endpoint_url: str = "",
     mlflow_tracking_uri: str = MLFLOW_TRACKING_URI,
     checkpoint_root: str = CHECKPOINT_ROOT,
+    num_nodes: int = 1,
+    gpus_per_node: int = 1,
 ) -> TrainingOutputs:
     """Trains, gates, evaluates and registers the covseg segmenter.
 
@@ -142,6 +147,11 @@ def training_pipeline(
         checkpoint_root: Where classify, MIL and segment keep their epoch checkpoints (``s3://`` or a
             folder), keyed by parameters and inputs: a retried or rerun task resumes after its last finished
             epoch. Default: under the cluster's pipeline root. Empty: in the task's temporary folder.
+        num_nodes: Distributed training: pods per training stage. When `num_nodes` x `gpus_per_node` > 1,
+            classify, MIL, segment and refine each run as a PyTorchJob (Training Operator, `covseg.trainjob`:
+            DDP under torchrun, one process per GPU) that their task submits and waits for; 1 x 1 trains in
+            the task itself, as on kfp.local.
+        gpus_per_node: Distributed training: GPUs (processes) per pod.
 
     Returns:
         evaluation: The evaluate output (``metrics.json``: Table-1 rows coarse / fine / each round / final /
@@ -150,7 +160,8 @@ def training_pipeline(
         decision: Its promotion decision: ``champion``, ``challenger`` or ``skipped``.
     """
     tracking = {"mlflow_tracking_uri": mlflow_tracking_uri, "data_version": data_version}
-    checkpoints = {"checkpoint_root": checkpoint_root, "s3_endpoint_url": s3_endpoint_url}
+    checkpoints = {"checkpoint_root": checkpoint_root, "s3_endpoint_url": s3_endpoint_url,
+                   "num_nodes": num_nodes, "gpus_per_node": gpus_per_node}
     ingest_task = _configure(ingest(data_path=data_path, data_version=data_version,
                                     s3_endpoint_url=s3_endpoint_url, params_json=params_json), "ingest")
     ingested = ingest_task.outputs["ingested"]

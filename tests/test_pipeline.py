@@ -166,6 +166,26 @@ def test_training_tasks_resume_from_checkpoints_under_the_pipeline_root(compiled
         assert parameters["s3_endpoint_url"] == {"componentInputParameter": "s3_endpoint_url"}
 
 
+def test_training_tasks_can_run_distributed(compiled: list[dict[str, Any]]) -> None:
+    """`num_nodes` / `gpus_per_node` reach the four training tasks (1 x 1 by default: train in the task), and
+    each knows the image of the PyTorchJob it would submit (covseg.trainjob)."""
+    from covseg.trainjob import JOB_IMAGE_ENV
+
+    spec, _ = compiled
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    assert defaults["num_nodes"]["defaultValue"] == 1 and defaults["gpus_per_node"]["defaultValue"] == 1
+    for name, task in _tasks(spec).items():
+        parameters = task["inputs"]["parameters"]
+        _, container = _executor(spec, task)
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        distributed = name in TRAINING_TASKS
+        assert ("num_nodes" in parameters and "gpus_per_node" in parameters) == distributed, name
+        assert (JOB_IMAGE_ENV in env) == distributed, name
+        if distributed:
+            assert parameters["num_nodes"] == {"componentInputParameter": "num_nodes"}
+            assert env[JOB_IMAGE_ENV] == container["image"] and "covseg-gpu" in env[JOB_IMAGE_ENV]
+
+
 # --- kfp.local on real data from a DVC remote ------------------------------------------------------------------
 
 

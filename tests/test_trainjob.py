@@ -245,3 +245,56 @@ def test_launch_stage_submits_the_stage_command_and_waits(validator: Any) -> Non
     assert command[3:5] == ["segment", "/tmp/covseg/artifacts"] and json.loads(command[6]) == params
     assert "--output-uri" in command and command[command.index("--output-uri") + 1] == "s3://b/r/segment"
     assert body["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1 and body["spec"]["nprocPerNode"] == "4"
+
+
+def test_segment_component_in_distributed_mode_runs_the_job_and_takes_its_output(
+        validator: Any, moto_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline's `num_nodes` x `gpus_per_node` > 1: the segment task (its KFP function, called as the
+    executor calls it) submits the stage as a PyTorchJob through the real client (kubeconfig -> the fake API
+    server), waits for it, then brings the output rank 0 uploaded (here: put on moto S3 as the job would)
+    into its output artifact and logs the stage's metrics from it."""
+    from kfp import dsl
+    from kfp.dsl.types import artifact_types
+    from servers import FAKE_AWS_ENV
+
+    from components.segment import segment
+
+    for key, value in FAKE_AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+    bucket = moto_server.create_bucket("covseg-run").removeprefix("s3://")
+    s3 = moto_server.s3_client()
+    result = {"n_train": 12, "history": [{"epoch": 0, "loss": 0.7}, {"epoch": 1, "loss": 0.5}]}
+    s3.put_object(Bucket=bucket, Key="r1/segment/metrics.json", Body=json.dumps(result).encode())
+    s3.put_object(Bucket=bucket, Key="r1/segment/segmenter.pt", Body=b"rank 0's weights")
+    name = trainjob.job_name("segment", "r1")
+    script = {name: [[("ADDED", RUNNING), ("MODIFIED", _condition("Succeeded", "PyTorchJobSucceeded"))]]}
+    with FakeApiServer(script) as server:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": server.url}}],
+            "users": [{"name": "fake", "user": {"token": "t"}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": "kubeflow"}}]}))
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        monkeypatch.setenv(trainjob.JOB_IMAGE_ENV, "ghcr.io/covseg/covseg-gpu:test")
+        monkeypatch.setenv("COVSEG_PIPELINE_RUN_ID", "r1")
+        # the KFP launcher mounts an s3:// artifact under /s3/; here under tmp_path
+        monkeypatch.setattr(artifact_types, "_S3_LOCAL_MOUNT_PREFIX", f"{tmp_path}/s3/")
+        out = dsl.Model(uri=f"s3://{bucket}/r1/segment")
+        metrics = dsl.Metrics(uri=str(tmp_path / "metrics"))
+        lungs, mil = dsl.Dataset(uri=f"s3://{bucket}/r1/lungs"), dsl.Dataset(uri=f"s3://{bucket}/r1/mil")
+        segment.python_func(slices=lungs, fine_labels=mil, params_json=json.dumps({"seed": 1}),
+                            mlflow_tracking_uri="", data_version="", checkpoint_root="",
+                            s3_endpoint_url=moto_server.endpoint_url, segmenter=out, metrics=metrics,
+                            num_nodes=2, gpus_per_node=2)
+    post = server.requests[0]
+    assert post["method"] == "POST" and _errors(validator, post["body"]) == []
+    (container,) = post["body"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+    assert container["image"] == "ghcr.io/covseg/covseg-gpu:test"
+    assert container["envFrom"] == [{"secretRef": {"name": trainjob.S3_SECRET, "optional": True}}]
+    command = container["command"]
+    assert command[command.index("--output-uri") + 1] == f"s3://{bucket}/r1/segment"
+    assert f"lungs=s3://{bucket}/r1/lungs" in command and f"mil=s3://{bucket}/r1/mil" in command
+    assert Path(out.path) == tmp_path / "s3" / bucket / "r1" / "segment"
+    assert (Path(out.path) / "segmenter.pt").read_bytes() == b"rank 0's weights"
+    assert metrics.metadata == {"n_train": 12.0, "last_loss": 0.5}

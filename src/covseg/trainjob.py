@@ -106,7 +106,9 @@ def custom_objects_api(api_client: Any = None) -> Any:
         try:
             config.load_incluster_config()
         except config.ConfigException:
-            config.load_kube_config()
+            import os
+
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # $KUBECONFIG as it is now
     return client.CustomObjectsApi(api_client)
 
 
