@@ -32,6 +32,7 @@ run: venv data
 
 test: venv
 	$(BIN)/ruff check src components pipelines tests bench tools
+	$(BIN)/ruff format --check src components pipelines tests bench tools
 	$(BIN)/python -m pytest -q tests
 
 lint: venv

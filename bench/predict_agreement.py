@@ -37,7 +37,9 @@ def save(out: Path, model: str, study: str, medseg: Path, n_medseg: int) -> None
         predict_study(study, segmenter, Path(tmp) / "out")
         lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(tmp) / "out" / "lesion_mask.nii.gz"))) > 0
         lung = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(tmp) / "out" / "lung_mask.nii.gz")))
-    images = [np.ascontiguousarray(np.rot90(read_slice(p), MEDSEG_ROTATE)) for p in sorted(medseg.glob("*.jpg"))]
+    images = [
+        np.ascontiguousarray(np.rot90(read_slice(p), MEDSEG_ROTATE)) for p in sorted(medseg.glob("*.jpg"))
+    ]
     preds = segmenter.predict_slices(images[:n_medseg], "8bit")
     medseg_masks = {f"medseg_{i}": p.prob >= 0.5 for i, p in enumerate(preds)}
     np.savez_compressed(out, study_lesion=lesion, study_lung=lung, **medseg_masks)
@@ -51,14 +53,18 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def compare(first: Path, second: Path) -> None:
     a, b = np.load(first), np.load(second)
-    print(f"study lesion Dice {dice(a['study_lesion'], b['study_lesion']):.6f} "
-          f"({int(a['study_lesion'].sum())} vs {int(b['study_lesion'].sum())} voxels), "
-          f"lung labels identical: {np.array_equal(a['study_lung'], b['study_lung'])}")
+    print(
+        f"study lesion Dice {dice(a['study_lesion'], b['study_lesion']):.6f} "
+        f"({int(a['study_lesion'].sum())} vs {int(b['study_lesion'].sum())} voxels), "
+        f"lung labels identical: {np.array_equal(a['study_lung'], b['study_lung'])}"
+    )
     keys = sorted(k for k in a.files if k.startswith("medseg_"))
     per_slice = [dice(a[k], b[k]) for k in keys]
     pooled = dice(np.concatenate([a[k].ravel() for k in keys]), np.concatenate([b[k].ravel() for k in keys]))
-    print(f"medseg-100 ({len(keys)} slices): pooled Dice {pooled:.6f}, lowest per-slice {min(per_slice):.6f}, "
-          f"identical slices {sum(np.array_equal(a[k], b[k]) for k in keys)}")
+    print(
+        f"medseg-100 ({len(keys)} slices): pooled Dice {pooled:.6f}, lowest per-slice {min(per_slice):.6f}, "
+        f"identical slices {sum(np.array_equal(a[k], b[k]) for k in keys)}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,8 +26,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_STUDY = REPO.parent / "shared" / "datasets" / "covid-ct-md" / "P001"
-PARTS = ("read", "lungs_harmonise", "model", "map_back", "analyse", "report", "write_masks", "write_seg",
-         "write_overlay")
+PARTS = (
+    "read",
+    "lungs_harmonise",
+    "model",
+    "map_back",
+    "analyse",
+    "report",
+    "write_masks",
+    "write_seg",
+    "write_overlay",
+)
 
 
 def cpu_name() -> str:
@@ -60,21 +69,31 @@ def time_architecture(profile: str, n_slices: int, batch_size: int) -> dict:
     start = time.perf_counter()
     segment_canonical(model, images, lungs, batch_size)
     seconds = time.perf_counter() - start
-    return {"profile": profile, "image_size": size, "features": list(features), "n_slices": n_slices,
-            "ms_per_slice": 1000 * seconds / n_slices}
+    return {
+        "profile": profile,
+        "image_size": size,
+        "features": list(features),
+        "n_slices": n_slices,
+        "ms_per_slice": 1000 * seconds / n_slices,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(REPO / "artifacts" / "segment"), help="model folder or MLflow URI")
+    parser.add_argument(
+        "--model", default=str(REPO / "artifacts" / "segment"), help="model folder or MLflow URI"
+    )
     parser.add_argument("--study", default=str(DEFAULT_STUDY), help="DICOM series folder, NIfTI or slice")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs (median reported)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
-    parser.add_argument("--arch-profile", default="full",
-                        help="also time the network alone with this params.yaml profile's U-Net and image size "
-                             "(random weights: the cost does not depend on them); '' to skip")
+    parser.add_argument(
+        "--arch-profile",
+        default="full",
+        help="also time the network alone with this params.yaml profile's U-Net and image size "
+        "(random weights: the cost does not depend on them); '' to skip",
+    )
     parser.add_argument("--arch-slices", type=int, default=16, help="slices for the --arch-profile timing")
     args = parser.parse_args(argv)
 
@@ -94,12 +113,22 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.repeats):
             load = os.getloadavg()[0]
             report = predict_study(args.study, segmenter, Path(tmp) / f"run{i}", batch_size=args.batch_size)
-            runs.append({"load_1min_before": load, "load_1min_after": os.getloadavg()[0],
-                         "seconds": report["seconds"], **report["timing_s"]})
-            print(f"run {i + 1}/{args.repeats}: {report['seconds']:.2f} s, {report['n_slices']} slices",
-                  file=sys.stderr)
+            runs.append(
+                {
+                    "load_1min_before": load,
+                    "load_1min_after": os.getloadavg()[0],
+                    "seconds": report["seconds"],
+                    **report["timing_s"],
+                }
+            )
+            print(
+                f"run {i + 1}/{args.repeats}: {report['seconds']:.2f} s, {report['n_slices']} slices",
+                file=sys.stderr,
+            )
     max_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak of the predict runs
-    arch = time_architecture(args.arch_profile, args.arch_slices, args.batch_size) if args.arch_profile else None
+    arch = (
+        time_architecture(args.arch_profile, args.arch_slices, args.batch_size) if args.arch_profile else None
+    )
     load_after = os.getloadavg()
 
     median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
@@ -107,10 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "python": platform.python_version()},
-        "load_average_1_5_15": {"before": [round(x, 2) for x in load_before],
-                                "after": [round(x, 2) for x in load_after]},
+        "machine": {
+            "cpu": cpu_name(),
+            "logical_cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "load_average_1_5_15": {
+            "before": [round(x, 2) for x in load_before],
+            "after": [round(x, 2) for x in load_after],
+        },
         "study": {"path": args.study, "n_slices": n, "size": report["input"]["size"]},
         "model": {"uri": str(args.model), "meta": report["model"]["meta"]},
         "cold_start_s": cold_load_s,
@@ -129,12 +165,18 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print("\n| part | s / study | ms / slice | share |\n|---|---:|---:|---:|")
     for key in PARTS:
-        print(f"| {key} | {median[key]:.2f} | {1000 * median[key] / n:.1f} | {median[key] / median['seconds']:.0%} |")
-    print(f"| **total** | **{median['seconds']:.2f}** | {1000 * median['seconds'] / n:.1f} | "
-          f"{n / median['seconds']:.2f} slices/s |")
+        print(
+            f"| {key} | {median[key]:.2f} | {1000 * median[key] / n:.1f} | {median[key] / median['seconds']:.0%} |"
+        )
+    print(
+        f"| **total** | **{median['seconds']:.2f}** | {1000 * median['seconds'] / n:.1f} | "
+        f"{n / median['seconds']:.2f} slices/s |"
+    )
     if arch:
-        print(f"\nnetwork alone, {arch['profile']} profile ({arch['image_size']} px, features {arch['features']}): "
-              f"{arch['ms_per_slice']:.0f} ms/slice")
+        print(
+            f"\nnetwork alone, {arch['profile']} profile ({arch['image_size']} px, features {arch['features']}): "
+            f"{arch['ms_per_slice']:.0f} ms/slice"
+        )
     return 0
 
 

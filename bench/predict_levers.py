@@ -52,7 +52,9 @@ def timed(fn: Any, *args: Any, repeats: int = 1) -> tuple[Any, float]:
     return result, best
 
 
-def network_levers(model: Any, canon: np.ndarray, lungs: np.ndarray, batch: int, compile_too: bool) -> list[dict]:
+def network_levers(
+    model: Any, canon: np.ndarray, lungs: np.ndarray, batch: int, compile_too: bool
+) -> list[dict]:
     """ms/slice and mask Dice vs eager fp32 for each way of running the U-Net on the same inputs."""
     import torch
 
@@ -65,11 +67,11 @@ def network_levers(model: Any, canon: np.ndarray, lungs: np.ndarray, batch: int,
         out = np.zeros(canon.shape, np.float32)
         with torch.inference_mode():
             for s in range(0, n, batch):
-                x = x_all[s:s + batch]
+                x = x_all[s : s + batch]
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    out[s:s + batch] = torch.sigmoid(net(x).float())[:, 0].numpy()
+                    out[s : s + batch] = torch.sigmoid(net(x).float())[:, 0].numpy()
         return out * lungs
 
     rows = []
@@ -77,14 +79,22 @@ def network_levers(model: Any, canon: np.ndarray, lungs: np.ndarray, batch: int,
     ref_mask = reference >= 0.5
 
     def add(name: str, probs: np.ndarray | None, secs: float, note: str = "") -> None:
-        row = {"lever": name, "ms_per_slice": 1000 * secs / n, "speedup": seconds / secs, "load": load1(),
-               "note": note}
+        row = {
+            "lever": name,
+            "ms_per_slice": 1000 * secs / n,
+            "speedup": seconds / secs,
+            "load": load1(),
+            "note": note,
+        }
         if probs is not None:
             row["dice_vs_current"] = dice(probs >= 0.5, ref_mask)
             row["max_abs_prob_diff"] = float(np.abs(probs - reference).max())
         rows.append(row)
-        print(f"  {name}: {row['ms_per_slice']:.0f} ms/slice, x{row['speedup']:.2f}, Dice "
-              f"{row.get('dice_vs_current', float('nan')):.4f} (load {row['load']}) {note}", file=sys.stderr)
+        print(
+            f"  {name}: {row['ms_per_slice']:.0f} ms/slice, x{row['speedup']:.2f}, Dice "
+            f"{row.get('dice_vs_current', float('nan')):.4f} (load {row['load']}) {note}",
+            file=sys.stderr,
+        )
 
     add("torch eager fp32 (current)", reference, seconds)
     model.eval()
@@ -95,19 +105,32 @@ def network_levers(model: Any, canon: np.ndarray, lungs: np.ndarray, batch: int,
     add("bf16 autocast (CPU)", *timed(run_torch, model, False, True))
     quantised = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     n_quantised = sum(1 for m in quantised.modules() if "quantized" in type(m).__module__)
-    add("torch dynamic int8 (nn.Linear only)", *timed(run_torch, quantised),
-        note=f"{n_quantised} modules quantised: the U-Net has no Linear layer")
+    add(
+        "torch dynamic int8 (nn.Linear only)",
+        *timed(run_torch, quantised),
+        note=f"{n_quantised} modules quantised: the U-Net has no Linear layer",
+    )
     rows += onnx_levers(model, canon, lungs, batch, reference, seconds, add)
     if compile_too:
         compiled = torch.compile(model)
         _, first = timed(run_torch, compiled)
-        add("torch.compile (inductor), after warm-up", *timed(run_torch, compiled),
-            note=f"first call incl. compilation {first:.0f} s")
+        add(
+            "torch.compile (inductor), after warm-up",
+            *timed(run_torch, compiled),
+            note=f"first call incl. compilation {first:.0f} s",
+        )
     return rows
 
 
-def onnx_levers(model: Any, canon: np.ndarray, lungs: np.ndarray, batch: int, reference: np.ndarray,
-                seconds: float, add: Any) -> list[dict]:
+def onnx_levers(
+    model: Any,
+    canon: np.ndarray,
+    lungs: np.ndarray,
+    batch: int,
+    reference: np.ndarray,
+    seconds: float,
+    add: Any,
+) -> list[dict]:
     """ONNX Runtime fp32 and int8 (dynamic quantisation of the exported graph)."""
     try:
         import onnxruntime as ort
@@ -121,8 +144,16 @@ def onnx_levers(model: Any, canon: np.ndarray, lungs: np.ndarray, batch: int, re
     fp32, int8 = folder / "unet.onnx", folder / "unet-int8.onnx"
     size = canon.shape[-1]
     start = time.perf_counter()
-    torch.onnx.export(model, (torch.zeros(1, 1, size, size),), str(fp32), input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False, opset_version=17)
+    torch.onnx.export(
+        model,
+        (torch.zeros(1, 1, size, size),),
+        str(fp32),
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+        dynamo=False,
+        opset_version=17,
+    )
     export_s = time.perf_counter() - start
     start = time.perf_counter()
     quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
@@ -135,8 +166,8 @@ def onnx_levers(model: Any, canon: np.ndarray, lungs: np.ndarray, batch: int, re
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         out = np.zeros(canon.shape, np.float32)
         for s in range(0, n, batch):
-            x = np.ascontiguousarray(canon[s:s + batch, None], np.float32)
-            out[s:s + batch] = 1.0 / (1.0 + np.exp(-session.run(None, {"x": x})[0][:, 0]))
+            x = np.ascontiguousarray(canon[s : s + batch, None], np.float32)
+            out[s : s + batch] = 1.0 / (1.0 + np.exp(-session.run(None, {"x": x})[0][:, 0]))
         return out * lungs
 
     run(fp32)  # session creation + first run apart (graph optimisation)
@@ -160,8 +191,16 @@ def lung_levers(slices: np.ndarray, domain: str, segmenter: Any) -> list[dict]:
             return segment_lungs(image, domain)
         small = F.avg_pool2d(torch.from_numpy(image.astype(np.float32))[None, None], factor)[0, 0].numpy()
         body, lung = segment_lungs(small.astype(image.dtype), domain)
-        up = [F.interpolate(torch.from_numpy(m.astype(np.float32))[None, None], size=image.shape, mode="bilinear",
-                            align_corners=False)[0, 0].numpy() >= 0.5 for m in (body, lung)]
+        up = [
+            F.interpolate(
+                torch.from_numpy(m.astype(np.float32))[None, None],
+                size=image.shape,
+                mode="bilinear",
+                align_corners=False,
+            )[0, 0].numpy()
+            >= 0.5
+            for m in (body, lung)
+        ]
         return up[0], up[1]
 
     def lesion(masks: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -180,19 +219,27 @@ def lung_levers(slices: np.ndarray, domain: str, segmenter: Any) -> list[dict]:
     rows, base = [], None
     for factor in (1, 2, 4):
         masks, secs = timed(lambda f=factor: [reduced(s, f) for s in slices])
-        row = {"lever": f"lungs at 1/{factor} resolution" if factor > 1 else "lungs as given (current)",
-               "ms_per_slice": 1000 * secs / len(slices), "load": load1()}
+        row = {
+            "lever": f"lungs at 1/{factor} resolution" if factor > 1 else "lungs as given (current)",
+            "ms_per_slice": 1000 * secs / len(slices),
+            "load": load1(),
+        }
         if base is None:
             base, base_s, base_lesion = masks, secs, lesion(masks)
             row["lesion_dice_vs_current"] = 1.0
         else:
-            row["lung_dice_vs_current"] = dice(np.stack([m[1] for m in masks]), np.stack([m[1] for m in base]))
+            row["lung_dice_vs_current"] = dice(
+                np.stack([m[1] for m in masks]), np.stack([m[1] for m in base])
+            )
             row["lesion_dice_vs_current"] = dice(lesion(masks), base_lesion)
         row["speedup"] = base_s / secs
         rows.append(row)
-        print(f"  {row['lever']}: {row['ms_per_slice']:.0f} ms/slice, x{row['speedup']:.2f}, lung Dice "
-              f"{row.get('lung_dice_vs_current', 1.0):.4f}, lesion Dice {row['lesion_dice_vs_current']:.4f} "
-              f"(load {row['load']})", file=sys.stderr)
+        print(
+            f"  {row['lever']}: {row['ms_per_slice']:.0f} ms/slice, x{row['speedup']:.2f}, lung Dice "
+            f"{row.get('lung_dice_vs_current', 1.0):.4f}, lesion Dice {row['lesion_dice_vs_current']:.4f} "
+            f"(load {row['load']})",
+            file=sys.stderr,
+        )
     return rows
 
 
@@ -218,10 +265,18 @@ def pool_lever(slices: np.ndarray, domain: str, size: int) -> dict:
         start = time.perf_counter()
         list(pool.map(_prepare_chunk, [(slices[0::2], domain, size), (slices[1::2], domain, size)]))
         two = time.perf_counter() - start
-    row = {"lever": "lungs + harmonise in 2 processes", "ms_per_slice": 1000 * two / len(slices),
-           "ms_per_slice_one_process": 1000 * one / len(slices), "speedup": one / two, "load": load1()}
-    print(f"  {row['lever']}: {row['ms_per_slice']:.0f} vs {row['ms_per_slice_one_process']:.0f} ms/slice, "
-          f"x{row['speedup']:.2f} (load {row['load']})", file=sys.stderr)
+    row = {
+        "lever": "lungs + harmonise in 2 processes",
+        "ms_per_slice": 1000 * two / len(slices),
+        "ms_per_slice_one_process": 1000 * one / len(slices),
+        "speedup": one / two,
+        "load": load1(),
+    }
+    print(
+        f"  {row['lever']}: {row['ms_per_slice']:.0f} vs {row['ms_per_slice_one_process']:.0f} ms/slice, "
+        f"x{row['speedup']:.2f} (load {row['load']})",
+        file=sys.stderr,
+    )
     return row
 
 
@@ -237,9 +292,13 @@ def read_parts(folder: str) -> dict:
     reader.SetFileNames(files)
     _, decode_s = timed(reader.Execute)
     _, pydicom_s = timed(read_dicom_headers, files)
-    row = {f"{k}_ms_per_slice": 1000 * v / len(files) for k, v in
-           (("sitk_headers", headers_s), ("gdcm_decode", decode_s), ("pydicom_headers", pydicom_s))}
-    print("  read: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()) + f" (load {load1()})", file=sys.stderr)
+    row = {
+        f"{k}_ms_per_slice": 1000 * v / len(files)
+        for k, v in (("sitk_headers", headers_s), ("gdcm_decode", decode_s), ("pydicom_headers", pydicom_s))
+    }
+    print(
+        "  read: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()) + f" (load {load1()})", file=sys.stderr
+    )
     return row
 
 
@@ -247,9 +306,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", required=True, help="DICOM series folder (e.g. bench/predict_study.py's)")
     parser.add_argument("--model", action="append", default=[], help="NAME=model folder (repeatable)")
-    parser.add_argument("--random-weights", default="", metavar="PROFILES",
-                        help="add these profiles' U-Nets with random weights, e.g. quick,full")
-    parser.add_argument("--slices", type=int, default=48, help="slices (evenly spread) for the per-slice levers")
+    parser.add_argument(
+        "--random-weights",
+        default="",
+        metavar="PROFILES",
+        help="add these profiles' U-Nets with random weights, e.g. quick,full",
+    )
+    parser.add_argument(
+        "--slices", type=int, default=48, help="slices (evenly spread) for the per-slice levers"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
     parser.add_argument("--json", default=None)
@@ -260,9 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     from covseg.io import read_study
     from covseg.predict import LesionSegmenter, split_sides
 
-    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M %Z"),
-                              "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                              "torch_threads": torch.get_num_threads(), "load_start": list(os.getloadavg())}
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "torch_threads": torch.get_num_threads(),
+        "load_start": list(os.getloadavg()),
+    }
     study, read_s = timed(read_study, args.study)
     n = len(study.slices)
     result["read"] = {"slices": n, "ms_per_slice": 1000 * read_s / n, "load": load1()}
@@ -276,9 +344,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(Path(__file__).parent))
         from predict_study import random_models
 
-        models.update({f"{k} (random weights)": str(v)
-                       for k, v in random_models(Path(tempfile.mkdtemp(prefix="covseg-models-"))).items()
-                       if k in args.random_weights.split(",")})
+        models.update(
+            {
+                f"{k} (random weights)": str(v)
+                for k, v in random_models(Path(tempfile.mkdtemp(prefix="covseg-models-"))).items()
+                if k in args.random_weights.split(",")
+            }
+        )
     result["models"] = {}
     for name, folder in models.items():
         segmenter = LesionSegmenter.load(folder)
@@ -286,8 +358,10 @@ def main(argv: list[str] | None = None) -> int:
         prepared, prep_s = timed(segmenter.prepare, list(subset), study.domain)
         canon = np.stack([p[0] for p in prepared])
         lungs = np.stack([p[1] for p in prepared])
-        entry = {"prepare_ms_per_slice": 1000 * prep_s / len(subset),
-                 "network": network_levers(segmenter.model, canon, lungs, args.batch_size, args.compile)}
+        entry = {
+            "prepare_ms_per_slice": 1000 * prep_s / len(subset),
+            "network": network_levers(segmenter.model, canon, lungs, args.batch_size, args.compile),
+        }
         result["models"][name] = entry
 
     first = LesionSegmenter.load(next(iter(models.values())))
@@ -297,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"slices whose canonical lung mask is empty: {sum(empty)} of {n}", file=sys.stderr)
     result["lungs"] = lung_levers(subset, study.domain, first)
     result["pool"] = pool_lever(subset, study.domain, first.size)
-    lung = np.stack([first.restore(np.zeros((1, first.size, first.size), np.float32), [p])[0].lung for p in prepared])
+    lung = np.stack(
+        [first.restore(np.zeros((1, first.size, first.size), np.float32), [p])[0].lung for p in prepared]
+    )
     _, split_s = timed(split_sides, lung, (lung.shape[-1] - 1) / 2.0)
     result["analyse"] = {"split_sides_s": split_s, "ms_per_slice": 1000 * split_s / n, "load": load1()}
     print(f"split_sides (3-D components): {split_s:.2f} s for {n} slices (load {load1()})", file=sys.stderr)

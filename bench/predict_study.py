@@ -40,8 +40,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets" / "covid-ct-md"
 SERIES = ("P001", "normal001", "cap001", "normal002")
 SLICE_STEP_MM = 2.0
-PARTS = ("read", "load_model", "lungs_harmonise", "model", "map_back", "analyse", "report", "write_masks",
-         "write_seg", "write_overlay")
+PARTS = (
+    "read",
+    "load_model",
+    "lungs_harmonise",
+    "model",
+    "map_back",
+    "analyse",
+    "report",
+    "write_masks",
+    "write_seg",
+    "write_overlay",
+)
 
 
 def build_study(n: int, folder: Path, shared: Path = SHARED) -> Path:
@@ -51,8 +61,10 @@ def build_study(n: int, folder: Path, shared: Path = SHARED) -> Path:
 
     files = []
     for case in SERIES:
-        headers = [(int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber), p)
-                   for p in sorted((shared / case).glob("*.dcm"))]
+        headers = [
+            (int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber), p)
+            for p in sorted((shared / case).glob("*.dcm"))
+        ]
         files += [p for _, p in sorted(headers)]
     if n > len(files):
         raise SystemExit(f"only {len(files)} slices in {shared}")
@@ -61,8 +73,16 @@ def build_study(n: int, folder: Path, shared: Path = SHARED) -> Path:
     x0, y0, z0 = (float(v) for v in first.ImagePositionPatient)
     for k, path in enumerate(files[:n]):
         dataset = pydicom.dcmread(path)  # pixel data stay as stored (compressed)
-        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "PatientID",
-                        "PixelSpacing", "ImageOrientationPatient", "SeriesNumber", "StudyID"):
+        for keyword in (
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "FrameOfReferenceUID",
+            "PatientID",
+            "PixelSpacing",
+            "ImageOrientationPatient",
+            "SeriesNumber",
+            "StudyID",
+        ):
             setattr(dataset, keyword, first.get(keyword))
         uid = generate_uid(entropy_srcs=[str(path), str(k)])
         dataset.SOPInstanceUID = uid
@@ -89,9 +109,17 @@ def random_models(folder: Path) -> dict[str, Path]:
         torch.manual_seed(0)
         target = folder / f"random-{profile}"
         target.mkdir(parents=True, exist_ok=True)
-        save_model(build_segmenter(tuple(features)), target / "segmenter.pt",
-                   {"features": features, "image_size": int(params["image_size"]), "seed": 0, "profile": profile,
-                    "weights": "random (timing only)"})
+        save_model(
+            build_segmenter(tuple(features)),
+            target / "segmenter.pt",
+            {
+                "features": features,
+                "image_size": int(params["image_size"]),
+                "seed": 0,
+                "profile": profile,
+                "weights": "random (timing only)",
+            },
+        )
         out[profile] = target
     return out
 
@@ -109,14 +137,33 @@ def cold_run(study: Path, model: Path, out: Path) -> dict[str, Any]:
     env = {**os.environ, **TELEMETRY_OFF}
     before = load1()
     start = time.perf_counter()
-    done = subprocess.run([str(Path(sys.executable).parent / "covseg"), "predict", str(study), "--model", str(model),
-                           "--out", str(out)], env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "covseg"),
+            "predict",
+            str(study),
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - start
     if done.returncode:
         raise SystemExit(done.stderr)
     report = json.loads((out / "report.json").read_text())
-    return {"kind": "cold", "wall_s": wall, "seconds": report["seconds"], "parts": report["timing_s"],
-            "load_before": before, "load_after": load1(), "stderr": done.stderr.strip()}
+    return {
+        "kind": "cold",
+        "wall_s": wall,
+        "seconds": report["seconds"],
+        "parts": report["timing_s"],
+        "load_before": before,
+        "load_after": load1(),
+        "stderr": done.stderr.strip(),
+    }
 
 
 def warm_run(study: Path, segmenter: Any, out: Path) -> dict[str, Any]:
@@ -127,8 +174,15 @@ def warm_run(study: Path, segmenter: Any, out: Path) -> dict[str, Any]:
     start = time.perf_counter()
     report = predict_study(study, segmenter, out)
     wall = time.perf_counter() - start
-    return {"kind": "warm", "wall_s": wall, "seconds": report["seconds"], "parts": report["timing_s"],
-            "load_before": before, "load_after": load1(), "lesion_voxels": report["voxels"]["both"]["lesion"]}
+    return {
+        "kind": "warm",
+        "wall_s": wall,
+        "seconds": report["seconds"],
+        "parts": report["timing_s"],
+        "load_before": before,
+        "load_after": load1(),
+        "lesion_voxels": report["voxels"]["both"]["lesion"],
+    }
 
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -152,8 +206,13 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         axis.plot(xs, ys, "o", label=f"{name} (warm)")
         if len(xs) > 1:
             slope, intercept = fit_line(xs, ys)
-            axis.plot(xs, [intercept + slope * x for x in xs], "-", alpha=0.6,
-                      label=f"{name}: {intercept:.1f} s + {1000 * slope:.0f} ms/slice")
+            axis.plot(
+                xs,
+                [intercept + slope * x for x in xs],
+                "-",
+                alpha=0.6,
+                label=f"{name}: {intercept:.1f} s + {1000 * slope:.0f} ms/slice",
+            )
         cold = [(r["slices"], r["cold_s"]) for r in rows if r.get("cold_s")]
         if cold:
             axis.plot(*zip(*cold, strict=True), "x", label=f"{name} (cold process)")
@@ -169,12 +228,18 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=[], help="NAME=model folder (repeatable)")
-    parser.add_argument("--random-weights", default="", metavar="PROFILES",
-                        help="add these profiles' U-Nets with random weights, e.g. quick,full")
+    parser.add_argument(
+        "--random-weights",
+        default="",
+        metavar="PROFILES",
+        help="add these profiles' U-Nets with random weights, e.g. quick,full",
+    )
     parser.add_argument("--sizes", default="50,150,300,600", help="slices per study")
     parser.add_argument("--cold-sizes", default="300", help="sizes that also get a cold (fresh process) run")
     parser.add_argument("--repeats", type=int, default=1, help="warm runs per size (median reported)")
-    parser.add_argument("--work", default=None, help="folder for the studies and outputs (default: a temp dir)")
+    parser.add_argument(
+        "--work", default=None, help="folder for the studies and outputs (default: a temp dir)"
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--plot", default=None, help="write the size plot here (PNG)")
     args = parser.parse_args(argv)
@@ -183,8 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="covseg-predict-study-"))
     models = dict(item.split("=", 1) for item in args.model)
     if args.random_weights:
-        models.update({f"{k} (random weights)": str(v) for k, v in random_models(work / "models").items()
-                       if k in args.random_weights.split(",")})
+        models.update(
+            {
+                f"{k} (random weights)": str(v)
+                for k, v in random_models(work / "models").items()
+                if k in args.random_weights.split(",")
+            }
+        )
     sizes = [int(s) for s in args.sizes.split(",") if s]
     cold_sizes = {int(s) for s in args.cold_sizes.split(",") if s}
     studies = {}
@@ -205,8 +275,11 @@ def main(argv: list[str] | None = None) -> int:
                 cold = cold_run(studies[n], Path(model), work / "out-cold")
                 runs.append({"model": name, "slices": n, **cold})
                 row["cold_s"] = cold["wall_s"]
-                print(f"{name}, {n} slices, cold: {cold['wall_s']:.1f} s (load {cold['load_before']} -> "
-                      f"{cold['load_after']})", file=sys.stderr)
+                print(
+                    f"{name}, {n} slices, cold: {cold['wall_s']:.1f} s (load {cold['load_before']} -> "
+                    f"{cold['load_after']})",
+                    file=sys.stderr,
+                )
             warm = [warm_run(studies[n], segmenter, work / "out-warm") for _ in range(args.repeats)]
             runs += [{"model": name, "slices": n, **w} for w in warm]
             row["warm_s"] = statistics.median(w["seconds"] for w in warm)
@@ -224,11 +297,18 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                    "python": platform.python_version()},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "logical_cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+        },
         "uptime_before_after": [uptime_before, uptime()],
-        "models": models, "results": results, "fits": fits, "runs": runs,
+        "models": models,
+        "results": results,
+        "fits": fits,
+        "runs": runs,
     }
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
@@ -239,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         parts = " | ".join(f"{r['warm_parts'][k]:.1f}" for k in PARTS)
         cold = f"{r['cold_s']:.1f}" if r.get("cold_s") else ""
-        print(f"| {r['model']} | {r['slices']} | {cold} | {r['warm_s']:.1f} | {parts} | {r['load'][0]} -> {r['load'][1]} |")
+        print(
+            f"| {r['model']} | {r['slices']} | {cold} | {r['warm_s']:.1f} | {parts} | {r['load'][0]} -> {r['load'][1]} |"
+        )
     for name, fit in fits.items():
         print(f"{name}: {fit['intercept_s']:.1f} s + {fit['ms_per_slice']:.0f} ms per slice (warm)")
     return 0

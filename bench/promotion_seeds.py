@@ -23,7 +23,9 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--segments", required=True, help="comma-separated segment folders (segmenter.pt inside)")
+    parser.add_argument(
+        "--segments", required=True, help="comma-separated segment folders (segmenter.pt inside)"
+    )
     parser.add_argument("--ingest", type=Path, default=Path("artifacts/ingest"))
     parser.add_argument("--profile", default="quick", help="params profile whose `register` settings apply")
     parser.add_argument("--out", type=Path, required=True, help="JSON with per-slice Dice and the decisions")
@@ -40,21 +42,32 @@ def main() -> None:
     folders = [Path(s) for s in args.segments.split(",")]
     scores = {}
     for folder in folders:
-        result = evaluate_ingested(LesionSegmenter.load(folder), args.ingest, params.get("max_eval_slices", 0))
+        result = evaluate_ingested(
+            LesionSegmenter.load(folder), args.ingest, params.get("max_eval_slices", 0)
+        )
         scores[str(folder)] = {"dice": result["dice"], "per_slice_dice": result["per_slice_dice"]}
         print(f"{folder}: Dice {result['dice']:.4f} over {len(result['per_slice_dice'])} slices")
     decisions = []
     for champ, cand in itertools.permutations(scores, 2):  # versions named by folder
-        decision = decide(Candidate(cand, scores[cand]["dice"], tuple(scores[cand]["per_slice_dice"])),
-                          Champion(champ, scores[champ]["dice"], tuple(scores[champ]["per_slice_dice"])),
-                          cfg["margin"], {}, cfg["confidence"])
+        decision = decide(
+            Candidate(cand, scores[cand]["dice"], tuple(scores[cand]["per_slice_dice"])),
+            Champion(champ, scores[champ]["dice"], tuple(scores[champ]["per_slice_dice"])),
+            cfg["margin"],
+            {},
+            cfg["confidence"],
+        )
         decisions.append({"candidate": cand, "champion": champ, **decision.as_dict()})
         print(f"{cand} over {champ}: {decision.alias} ({decision.reason})")
     promoted = sum(d["decision"] == "champion" for d in decisions)
-    print(f"{promoted} of {len(decisions)} seed-to-seed comparisons would promote "
-          f"(margin {cfg['margin']}, confidence {cfg['confidence']})")
-    args.out.write_text(json.dumps({"profile": args.profile, "register": cfg, "scores": scores,
-                                    "decisions": decisions}, indent=2))
+    print(
+        f"{promoted} of {len(decisions)} seed-to-seed comparisons would promote "
+        f"(margin {cfg['margin']}, confidence {cfg['confidence']})"
+    )
+    args.out.write_text(
+        json.dumps(
+            {"profile": args.profile, "register": cfg, "scores": scores, "decisions": decisions}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

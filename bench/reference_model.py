@@ -32,19 +32,30 @@ def main(argv: list[str] | None = None) -> int:
     from covseg.config import load_params
 
     full = load_params("full", path=REPO / "params.yaml")
-    params = load_params("tiny", path=REPO / "params.yaml", overrides={
-        "image_size": full["image_size"],
-        "segment": {"features": full["segment"]["features"], "epochs": args.epochs, "batch_size": 8}})
+    params = load_params(
+        "tiny",
+        path=REPO / "params.yaml",
+        overrides={
+            "image_size": full["image_size"],
+            "segment": {"features": full["segment"]["features"], "epochs": args.epochs, "batch_size": 8},
+        },
+    )
     out = Path(args.out)
     steps = [
         ("ingest", lambda: stages.ingest(args.data, out / "ingest", params)),
         ("lungs", lambda: stages.lungs(out / "ingest", out / "lungs", params)),
         ("classify", lambda: stages.classify(out / "lungs", out / "classify", params, out / "checkpoints")),
         ("coarse", lambda: stages.coarse(out / "lungs", out / "classify", out / "coarse", params)),
-        ("mil", lambda: stages.mil(out / "lungs", out / "classify", out / "coarse", out / "mil", params,
-                                   out / "checkpoints")),
-        ("segment", lambda: stages.segment(out / "lungs", out / "mil", out / "segment", params,
-                                           out / "checkpoints")),
+        (
+            "mil",
+            lambda: stages.mil(
+                out / "lungs", out / "classify", out / "coarse", out / "mil", params, out / "checkpoints"
+            ),
+        ),
+        (
+            "segment",
+            lambda: stages.segment(out / "lungs", out / "mil", out / "segment", params, out / "checkpoints"),
+        ),
     ]
     for name, step in steps:
         start = time.perf_counter()

@@ -46,8 +46,10 @@ def ceilings(ingest: Path, size: int, fine: dict) -> dict[str, dict]:
         round_trip.append(from_canonical(to_canonical(truth.astype(np.float32), out.geometry), out.geometry))
         labels = lesion_prior(out.image[None], fine)[0] & out.lung
         rule.append(from_canonical(labels.astype(np.float32), out.geometry))
-    return {name: {k: round(float(v), 4) for k, v in summarise(maps, truths).items() if k in KEYS}
-            for name, maps in (("truth round trip", round_trip), ("fine rule", rule))}
+    return {
+        name: {k: round(float(v), 4) for k, v in summarise(maps, truths).items() if k in KEYS}
+        for name, maps in (("truth round trip", round_trip), ("fine rule", rule))
+    }
 
 
 def main() -> None:

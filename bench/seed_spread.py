@@ -39,8 +39,13 @@ def run_seed(params: dict, lungs: Path, ingest: Path, out: Path) -> dict:
         start = time.perf_counter()
         results[name] = run_stage(name, out, "data", params)
         times[name] = round(time.perf_counter() - start, 1)
-    return {"table": results["evaluate"], "val_auc": results["classify"]["val_auc"],
-            "mil": results["mil"]["quality"], "in_domain": results["refine"]["in_domain"], "seconds": times}
+    return {
+        "table": results["evaluate"],
+        "val_auc": results["classify"]["val_auc"],
+        "mil": results["mil"]["quality"],
+        "in_domain": results["refine"]["in_domain"],
+        "seconds": times,
+    }
 
 
 def main() -> None:
@@ -68,14 +73,21 @@ def main() -> None:
         runs[seed] = run_seed(params, lungs, args.ingest, args.out / f"seed-{seed}")
         dice = {row: round(runs[seed]["table"][row]["dice"], 3) for row in ROWS}
         in_domain = runs[seed]["in_domain"]
-        print(f"seed {seed}: Dice {dice}, val AUC {runs[seed]['val_auc']}, in-domain slice AUC "
-              f"{in_domain.get('slice_auc', float('nan')):.3f} (HU band {in_domain.get('hu_band_auc', float('nan')):.3f})")
+        print(
+            f"seed {seed}: Dice {dice}, val AUC {runs[seed]['val_auc']}, in-domain slice AUC "
+            f"{in_domain.get('slice_auc', float('nan')):.3f} (HU band {in_domain.get('hu_band_auc', float('nan')):.3f})"
+        )
     summary = {}
     for row in ROWS:
         values = np.array([r["table"][row]["dice"] for r in runs.values()])
         summary[row] = {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max())}
-    result = {"profile": args.profile, "overrides": overrides, "seeds": list(runs),
-              "dice": summary, "runs": runs}
+    result = {
+        "profile": args.profile,
+        "overrides": overrides,
+        "seeds": list(runs),
+        "dice": summary,
+        "runs": runs,
+    }
     (args.out / "spread.json").write_text(json.dumps(result, indent=2, default=float))
     print("Dice mean [min, max] over seeds " + ", ".join(str(s) for s in runs))
     for row, s in summary.items():

@@ -7,9 +7,18 @@ from components.settings import BASE_IMAGE, log_numbers, use_tracking
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False, additional_funcs=[log_numbers, use_tracking])
-def classify(slices: Input[Dataset], params_json: str, mlflow_tracking_uri: str, data_version: str,
-             checkpoint_root: str, s3_endpoint_url: str, classifier: Output[Model], metrics: Output[Metrics],
-             num_nodes: int = 1, gpus_per_node: int = 1) -> None:
+def classify(
+    slices: Input[Dataset],
+    params_json: str,
+    mlflow_tracking_uri: str,
+    data_version: str,
+    checkpoint_root: str,
+    s3_endpoint_url: str,
+    classifier: Output[Model],
+    metrics: Output[Metrics],
+    num_nodes: int = 1,
+    gpus_per_node: int = 1,
+) -> None:
     """Trains the slice classifier, balanced by label and source; reports validation AUC and the source probe.
 
     Binds `covseg.stages.classify`, its epoch checkpoints kept by `covseg.checkpoint_store.durable_checkpoints`.
@@ -38,9 +47,17 @@ def classify(slices: Input[Dataset], params_json: str, mlflow_tracking_uri: str,
     if num_nodes * gpus_per_node > 1:  # a PyTorchJob trains; rank 0 writes the output artifact
         from covseg.trainjob import train_in_job
 
-        result = train_in_job("classify", {"lungs": slices.uri},
-                              classifier.uri, classifier.path, json.loads(params_json), num_nodes, gpus_per_node,
-                              checkpoint_root, s3_endpoint_url)
+        result = train_in_job(
+            "classify",
+            {"lungs": slices.uri},
+            classifier.uri,
+            classifier.path,
+            json.loads(params_json),
+            num_nodes,
+            gpus_per_node,
+            checkpoint_root,
+            s3_endpoint_url,
+        )
     else:
         with durable_checkpoints(checkpoint_root, "classify", s3_endpoint_url) as checkpoints:
             result = stages.classify(slices.path, classifier.path, json.loads(params_json), checkpoints)

@@ -7,8 +7,13 @@ from components.settings import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def coarse(slices: Input[Dataset], classifier: Input[Model], params_json: str, coarse_labels: Output[Dataset],
-           metrics: Output[Metrics]) -> None:
+def coarse(
+    slices: Input[Dataset],
+    classifier: Input[Model],
+    params_json: str,
+    coarse_labels: Output[Dataset],
+    metrics: Output[Metrics],
+) -> None:
     """Thresholds the classifier's Grad-CAM inside the lungs into coarse lesion labels.
 
     Binds `covseg.stages.coarse`.

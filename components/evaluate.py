@@ -7,11 +7,20 @@ from components.settings import BASE_IMAGE, log_numbers, use_tracking
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False, additional_funcs=[log_numbers, use_tracking])
-def evaluate(ingested: Input[Dataset], slices: Input[Dataset], coarse_labels: Input[Dataset],
-             fine_labels: Input[Dataset], segmenter: Input[Model], refined: Input[Model], params_json: str,
-             mlflow_tracking_uri: str,
-             data_version: str, evaluation: Output[Dataset], metrics: Output[Metrics],
-             panel: Output[HTML]) -> None:
+def evaluate(
+    ingested: Input[Dataset],
+    slices: Input[Dataset],
+    coarse_labels: Input[Dataset],
+    fine_labels: Input[Dataset],
+    segmenter: Input[Model],
+    refined: Input[Model],
+    params_json: str,
+    mlflow_tracking_uri: str,
+    data_version: str,
+    evaluation: Output[Dataset],
+    metrics: Output[Metrics],
+    panel: Output[HTML],
+) -> None:
     """Scores the coarse labels, the fine labels and the segmenter on the evaluation slices (pixel masks).
 
     Binds `covseg.stages.evaluate`: Dice, IoU, PPV, sensitivity, specificity per slice, averaged, at threshold
@@ -39,12 +48,22 @@ def evaluate(ingested: Input[Dataset], slices: Input[Dataset], coarse_labels: In
     from covseg import stages
 
     use_tracking(mlflow_tracking_uri, data_version)
-    table = stages.evaluate(ingested.path, slices.path, coarse_labels.path, fine_labels.path, segmenter.path,
-                            refined.path, evaluation.path, json.loads(params_json))
+    table = stages.evaluate(
+        ingested.path,
+        slices.path,
+        coarse_labels.path,
+        fine_labels.path,
+        segmenter.path,
+        refined.path,
+        evaluation.path,
+        json.loads(params_json),
+    )
     log_numbers(metrics, table)
     figure = Path(evaluation.path) / "panel.png"
     image = "<p>no panel</p>"
     if figure.is_file():
         image = f'<img alt="method panel" src="data:image/png;base64,{base64.b64encode(figure.read_bytes()).decode()}">'
-    Path(panel.path).write_text(f"<!doctype html><title>covseg evaluation</title>{image}"
-                                f"<pre>{html.escape(json.dumps(table, indent=2))}</pre>")
+    Path(panel.path).write_text(
+        f"<!doctype html><title>covseg evaluation</title>{image}"
+        f"<pre>{html.escape(json.dumps(table, indent=2))}</pre>"
+    )

@@ -7,7 +7,9 @@ from components.settings import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def gate0(ingested: Input[Dataset], params_json: str, report: Output[Artifact], metrics: Output[Metrics]) -> None:
+def gate0(
+    ingested: Input[Dataset], params_json: str, report: Output[Artifact], metrics: Output[Metrics]
+) -> None:
     """Validates the manifest (intensity ranges, spacing, labels, split leaks); fails the run when unfit.
 
     Binds `covseg.stages.gate0`. On failure the task raises `covseg.gates.GateFailed` (each failed expectation

@@ -7,8 +7,13 @@ from components.settings import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def gate_a(classifier: Input[Model], coarse_labels: Input[Dataset], params_json: str, report: Output[Artifact],
-           metrics: Output[Metrics]) -> None:
+def gate_a(
+    classifier: Input[Model],
+    coarse_labels: Input[Dataset],
+    params_json: str,
+    report: Output[Artifact],
+    metrics: Output[Metrics],
+) -> None:
     """Checks the coarse-label statistics and the classifier's validation AUC floor; fails the run when unfit.
 
     Binds `covseg.stages.gate_a`. On failure the task raises `covseg.gates.GateFailed`, so MIL never runs.

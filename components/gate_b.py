@@ -7,8 +7,9 @@ from components.settings import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def gate_b(fine_labels: Input[Dataset], params_json: str, report: Output[Artifact],
-           metrics: Output[Metrics]) -> None:
+def gate_b(
+    fine_labels: Input[Dataset], params_json: str, report: Output[Artifact], metrics: Output[Metrics]
+) -> None:
     """Checks the fine-label statistics and the MIL negative-instance accuracy floor; fails the run when unfit.
 
     Binds `covseg.stages.gate_b`. On failure the task raises `covseg.gates.GateFailed`, so the segmenter never

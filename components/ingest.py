@@ -7,8 +7,14 @@ from components.settings import BASE_IMAGE, log_numbers
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False, additional_funcs=[log_numbers])
-def ingest(data_path: str, data_version: str, s3_endpoint_url: str, params_json: str, ingested: Output[Dataset],
-           metrics: Output[Metrics]) -> None:
+def ingest(
+    data_path: str,
+    data_version: str,
+    s3_endpoint_url: str,
+    params_json: str,
+    ingested: Output[Dataset],
+    metrics: Output[Metrics],
+) -> None:
     """Reads every configured raw source into canonical cases and `manifest.parquet`.
 
     Binds `covseg.stages.ingest`. The raw data is located by `covseg.data.fetch_data`.
@@ -33,7 +39,9 @@ def ingest(data_path: str, data_version: str, s3_endpoint_url: str, params_json:
 
     params = json.loads(params_json)
     with tempfile.TemporaryDirectory(prefix="covseg-raw-") as scratch:
-        frame = stages.ingest(fetch_data(data_path, scratch, data_version, s3_endpoint_url), ingested.path, params)
+        frame = stages.ingest(
+            fetch_data(data_path, scratch, data_version, s3_endpoint_url), ingested.path, params
+        )
     counts = {"slices": len(frame), "volumes": int(frame["volume_id"].nunique())}
     counts.update({f"slices_{split}": int(n) for split, n in frame["split"].value_counts().items()})
     log_numbers(metrics, counts)

@@ -7,7 +7,9 @@ from components.settings import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def lungs(ingested: Input[Dataset], params_json: str, slices: Output[Dataset], metrics: Output[Metrics]) -> None:
+def lungs(
+    ingested: Input[Dataset], params_json: str, slices: Output[Dataset], metrics: Output[Metrics]
+) -> None:
     """Segments the lungs (no network) and writes the lung-masked, harmonised slices every later stage uses.
 
     Binds `covseg.stages.lungs`.

@@ -7,10 +7,20 @@ from components.settings import BASE_IMAGE, log_numbers, use_tracking
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False, additional_funcs=[log_numbers, use_tracking])
-def mil(slices: Input[Dataset], classifier: Input[Model], coarse_labels: Input[Dataset], params_json: str,
-        mlflow_tracking_uri: str, data_version: str, checkpoint_root: str, s3_endpoint_url: str,
-        fine_labels: Output[Dataset], metrics: Output[Metrics],
-        num_nodes: int = 1, gpus_per_node: int = 1) -> None:
+def mil(
+    slices: Input[Dataset],
+    classifier: Input[Model],
+    coarse_labels: Input[Dataset],
+    params_json: str,
+    mlflow_tracking_uri: str,
+    data_version: str,
+    checkpoint_root: str,
+    s3_endpoint_url: str,
+    fine_labels: Output[Dataset],
+    metrics: Output[Metrics],
+    num_nodes: int = 1,
+    gpus_per_node: int = 1,
+) -> None:
     """Trains the MIL network (5x5 patch instances, easy -> hard bags) and writes the fine labels.
 
     Binds `covseg.stages.mil`, its epoch checkpoints kept by `covseg.checkpoint_store.durable_checkpoints`.
@@ -41,12 +51,25 @@ def mil(slices: Input[Dataset], classifier: Input[Model], coarse_labels: Input[D
     if num_nodes * gpus_per_node > 1:  # a PyTorchJob trains; rank 0 writes the output artifact
         from covseg.trainjob import train_in_job
 
-        result = train_in_job("mil", {"lungs": slices.uri, "classify": classifier.uri,
-                               "coarse": coarse_labels.uri},
-                              fine_labels.uri, fine_labels.path, json.loads(params_json), num_nodes, gpus_per_node,
-                              checkpoint_root, s3_endpoint_url)
+        result = train_in_job(
+            "mil",
+            {"lungs": slices.uri, "classify": classifier.uri, "coarse": coarse_labels.uri},
+            fine_labels.uri,
+            fine_labels.path,
+            json.loads(params_json),
+            num_nodes,
+            gpus_per_node,
+            checkpoint_root,
+            s3_endpoint_url,
+        )
     else:
         with durable_checkpoints(checkpoint_root, "mil", s3_endpoint_url) as checkpoints:
-            result = stages.mil(slices.path, classifier.path, coarse_labels.path, fine_labels.path,
-                                json.loads(params_json), checkpoints)
+            result = stages.mil(
+                slices.path,
+                classifier.path,
+                coarse_labels.path,
+                fine_labels.path,
+                json.loads(params_json),
+                checkpoints,
+            )
     log_numbers(metrics, result["quality"])

@@ -7,10 +7,21 @@ from components.settings import BASE_IMAGE, use_tracking
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False, additional_funcs=[use_tracking])
-def refine(slices: Input[Dataset], coarse_labels: Input[Dataset], fine_labels: Input[Dataset],
-           segmenter: Input[Model], params_json: str, mlflow_tracking_uri: str, data_version: str,
-           checkpoint_root: str, s3_endpoint_url: str, refined: Output[Model], metrics: Output[Metrics],
-           num_nodes: int = 1, gpus_per_node: int = 1) -> None:
+def refine(
+    slices: Input[Dataset],
+    coarse_labels: Input[Dataset],
+    fine_labels: Input[Dataset],
+    segmenter: Input[Model],
+    params_json: str,
+    mlflow_tracking_uri: str,
+    data_version: str,
+    checkpoint_root: str,
+    s3_endpoint_url: str,
+    refined: Output[Model],
+    metrics: Output[Metrics],
+    num_nodes: int = 1,
+    gpus_per_node: int = 1,
+) -> None:
     """Runs the refinement rounds after the segmenter and keeps the round with the best in-domain AUC.
 
     Binds `covseg.stages.refine`, its epoch checkpoints kept by `covseg.checkpoint_store.durable_checkpoints`.
@@ -40,14 +51,33 @@ def refine(slices: Input[Dataset], coarse_labels: Input[Dataset], fine_labels: I
     if num_nodes * gpus_per_node > 1:  # a PyTorchJob trains; rank 0 writes the output artifact
         from covseg.trainjob import train_in_job
 
-        result = train_in_job("refine", {"lungs": slices.uri, "coarse": coarse_labels.uri,
-                               "mil": fine_labels.uri, "segment": segmenter.uri},
-                              refined.uri, refined.path, json.loads(params_json), num_nodes, gpus_per_node,
-                              checkpoint_root, s3_endpoint_url)
+        result = train_in_job(
+            "refine",
+            {
+                "lungs": slices.uri,
+                "coarse": coarse_labels.uri,
+                "mil": fine_labels.uri,
+                "segment": segmenter.uri,
+            },
+            refined.uri,
+            refined.path,
+            json.loads(params_json),
+            num_nodes,
+            gpus_per_node,
+            checkpoint_root,
+            s3_endpoint_url,
+        )
     else:
         with durable_checkpoints(checkpoint_root, "refine", s3_endpoint_url) as checkpoints:
-            result = stages.refine(slices.path, coarse_labels.path, fine_labels.path, segmenter.path, refined.path,
-                                   json.loads(params_json), checkpoints)
+            result = stages.refine(
+                slices.path,
+                coarse_labels.path,
+                fine_labels.path,
+                segmenter.path,
+                refined.path,
+                json.loads(params_json),
+                checkpoints,
+            )
     metrics.log_metric("final_round", result["final_round"])
     for key in ("slice_auc", "hu_band_auc", "lung_auc"):
         value = result["in_domain"].get(key)

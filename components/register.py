@@ -9,9 +9,14 @@ from components.settings import BASE_IMAGE, log_numbers, use_tracking
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False, additional_funcs=[log_numbers, use_tracking])
-def register(ingested: Input[Dataset], segmenter: Input[Model], params_json: str, mlflow_tracking_uri: str,
-             data_version: str,
-             metrics: Output[Metrics]) -> NamedTuple("RegisterOutputs", model_version=str, decision=str):
+def register(
+    ingested: Input[Dataset],
+    segmenter: Input[Model],
+    params_json: str,
+    mlflow_tracking_uri: str,
+    data_version: str,
+    metrics: Output[Metrics],
+) -> NamedTuple("RegisterOutputs", model_version=str, decision=str):
     """Logs the segmenter as the MLflow pyfunc model, registers a version and decides champion / challenger.
 
     Binds `covseg.stages.register`. Candidate and champion are scored on the same evaluation slices.
@@ -42,6 +47,8 @@ def register(ingested: Input[Dataset], segmenter: Input[Model], params_json: str
     use_tracking(mlflow_tracking_uri, data_version)
     result = stages.register(ingested.path, segmenter.path, json.loads(params_json))
     decision = str(result["decision"]["decision"])
-    log_numbers(metrics, {"registered": 1.0, "candidate": result["candidate"],
-                          "promoted": float(decision == "champion")})
+    log_numbers(
+        metrics,
+        {"registered": 1.0, "candidate": result["candidate"], "promoted": float(decision == "champion")},
+    )
     return namedtuple("RegisterOutputs", ["model_version", "decision"])(str(result["version"]), decision)

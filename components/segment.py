@@ -7,10 +7,19 @@ from components.settings import BASE_IMAGE, use_tracking
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False, additional_funcs=[use_tracking])
-def segment(slices: Input[Dataset], fine_labels: Input[Dataset], params_json: str, mlflow_tracking_uri: str,
-            data_version: str, checkpoint_root: str, s3_endpoint_url: str, segmenter: Output[Model],
-            metrics: Output[Metrics],
-            num_nodes: int = 1, gpus_per_node: int = 1) -> None:
+def segment(
+    slices: Input[Dataset],
+    fine_labels: Input[Dataset],
+    params_json: str,
+    mlflow_tracking_uri: str,
+    data_version: str,
+    checkpoint_root: str,
+    s3_endpoint_url: str,
+    segmenter: Output[Model],
+    metrics: Output[Metrics],
+    num_nodes: int = 1,
+    gpus_per_node: int = 1,
+) -> None:
     """Trains the U-Net on the lung-masked slices and their fine labels.
 
     Binds `covseg.stages.segment`, its epoch checkpoints kept by `covseg.checkpoint_store.durable_checkpoints`.
@@ -40,13 +49,22 @@ def segment(slices: Input[Dataset], fine_labels: Input[Dataset], params_json: st
     if num_nodes * gpus_per_node > 1:  # a PyTorchJob trains; rank 0 writes the output artifact
         from covseg.trainjob import train_in_job
 
-        result = train_in_job("segment", {"lungs": slices.uri, "mil": fine_labels.uri},
-                              segmenter.uri, segmenter.path, json.loads(params_json), num_nodes, gpus_per_node,
-                              checkpoint_root, s3_endpoint_url)
+        result = train_in_job(
+            "segment",
+            {"lungs": slices.uri, "mil": fine_labels.uri},
+            segmenter.uri,
+            segmenter.path,
+            json.loads(params_json),
+            num_nodes,
+            gpus_per_node,
+            checkpoint_root,
+            s3_endpoint_url,
+        )
     else:
         with durable_checkpoints(checkpoint_root, "segment", s3_endpoint_url) as checkpoints:
-            result = stages.segment(slices.path, fine_labels.path, segmenter.path, json.loads(params_json),
-                                    checkpoints)
+            result = stages.segment(
+                slices.path, fine_labels.path, segmenter.path, json.loads(params_json), checkpoints
+            )
     metrics.log_metric("n_train", result["n_train"])
     if result["history"]:
         metrics.log_metric("last_loss", float(result["history"][-1]["loss"]))

@@ -41,14 +41,24 @@ def compile_pipeline(out: str | Path | None = None, profile: str = "quick") -> P
     out = Path(out) if out is not None else DEFAULT_PACKAGE
     out.parent.mkdir(parents=True, exist_ok=True)
     params = load_params(profile, path=train_pipeline.ROOT / "params.yaml")
-    compiler.Compiler().compile(train_pipeline.training_pipeline, str(out),
-                                pipeline_parameters={"params_json": train_pipeline.params_to_json(params)})
+    compiler.Compiler().compile(
+        train_pipeline.training_pipeline,
+        str(out),
+        pipeline_parameters={"params_json": train_pipeline.params_to_json(params)},
+    )
     return out
 
 
-def run_local(profile: str = "tiny", data_path: str | Path | None = None, pipeline_root: str | Path | None = None,
-              *, data_version: str = "", mlflow_tracking_uri: str | None = None,
-              overrides: dict[str, Any] | None = None, checkpoint_root: str | Path | None = None) -> dict[str, Any]:
+def run_local(
+    profile: str = "tiny",
+    data_path: str | Path | None = None,
+    pipeline_root: str | Path | None = None,
+    *,
+    data_version: str = "",
+    mlflow_tracking_uri: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    checkpoint_root: str | Path | None = None,
+) -> dict[str, Any]:
     """Runs the training pipeline on this machine with kfp.local (one subprocess per task, this Python).
 
     Every task runs the same component code as on the cluster, in a process of its own, reading and
@@ -89,16 +99,23 @@ def run_local(profile: str = "tiny", data_path: str | Path | None = None, pipeli
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)  # the task subprocesses inherit this process's environment
     try:
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root.resolve()),
-                   raise_on_error=True)
+        local.init(
+            runner=local.SubprocessRunner(use_venv=False),
+            pipeline_root=str(root.resolve()),
+            raise_on_error=True,
+        )
         with warnings.catch_warnings():
             # The components name the covseg image, which this Python stands in for.
             warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
             # Placement, resources and caching are cluster settings, ignored here by design (see above).
             warnings.filterwarnings("ignore", message=".*no effect in the current local runner")
-            task = train_pipeline.training_pipeline(params_json=train_pipeline.params_to_json(params),
-                                                    data_path=data_arg, data_version=data_version,
-                                                    mlflow_tracking_uri=uri, checkpoint_root=checkpoints)
+            task = train_pipeline.training_pipeline(
+                params_json=train_pipeline.params_to_json(params),
+                data_path=data_arg,
+                data_version=data_version,
+                mlflow_tracking_uri=uri,
+                checkpoint_root=checkpoints,
+            )
     finally:
         for key, value in saved.items():
             if value is None:
@@ -106,6 +123,9 @@ def run_local(profile: str = "tiny", data_path: str | Path | None = None, pipeli
             else:
                 os.environ[key] = value
     evaluation = Path(task.outputs["evaluation"].path)
-    return {"evaluation": json.loads((evaluation / "metrics.json").read_text()),
-            "model_version": task.outputs["model_version"], "decision": task.outputs["decision"],
-            "run_dir": evaluation.parents[1]}
+    return {
+        "evaluation": json.loads((evaluation / "metrics.json").read_text()),
+        "model_version": task.outputs["model_version"],
+        "decision": task.outputs["decision"],
+        "run_dir": evaluation.parents[1],
+    }

@@ -103,25 +103,41 @@ def _configure(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
         pool = gpu_pool.load()
         task.set_container_image(GPU_IMAGE)
         task.set_accelerator_type(pool["accelerator_resource"]).set_accelerator_limit(1)
-        kubernetes.add_node_selector(task, label_key=pool["node_selector"]["key"],
-                                     label_value=pool["node_selector"]["value"])
-        kubernetes.add_toleration(task, key=pool["toleration"]["key"], operator="Equal",
-                                  value=pool["toleration"]["value"], effect=pool["toleration"]["effect"])
+        kubernetes.add_node_selector(
+            task, label_key=pool["node_selector"]["key"], label_value=pool["node_selector"]["value"]
+        )
+        kubernetes.add_toleration(
+            task,
+            key=pool["toleration"]["key"],
+            operator="Equal",
+            value=pool["toleration"]["value"],
+            effect=pool["toleration"]["effect"],
+        )
     if name in TRACKED_TASKS:
         # The KFP API server labels every pod of a run with its run id: it tags the stage's MLflow run.
-        kubernetes.use_field_path_as_env(task, env_name="COVSEG_PIPELINE_RUN_ID",
-                                         field_path="metadata.labels['pipeline/runid']")
+        kubernetes.use_field_path_as_env(
+            task, env_name="COVSEG_PIPELINE_RUN_ID", field_path="metadata.labels['pipeline/runid']"
+        )
     if name in TRAINING_TASKS:  # the image of the PyTorchJob a distributed run submits (covseg.trainjob)
         task.set_env_variable(JOB_IMAGE_ENV, GPU_IMAGE)
     if name in S3_TASKS:
-        kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={
-            "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"},
-            optional=True)
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=S3_SECRET,
+            secret_key_to_env={
+                "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+            },
+            optional=True,
+        )
     return task
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description="Weakly-supervised COVID-19 CT lesion segmentation: train, "
-              "gate, evaluate and register the segmenter from slice-level labels.")
+@dsl.pipeline(
+    name=PIPELINE_NAME,
+    description="Weakly-supervised COVID-19 CT lesion segmentation: train, "
+    "gate, evaluate and register the segmenter from slice-level labels.",
+)
 def training_pipeline(
     params_json: str = DEFAULT_PARAMS_JSON,
     data_path: str = "data",
@@ -160,37 +176,83 @@ def training_pipeline(
         decision: Its promotion decision: ``champion``, ``challenger`` or ``skipped``.
     """
     tracking = {"mlflow_tracking_uri": mlflow_tracking_uri, "data_version": data_version}
-    checkpoints = {"checkpoint_root": checkpoint_root, "s3_endpoint_url": s3_endpoint_url,
-                   "num_nodes": num_nodes, "gpus_per_node": gpus_per_node}
-    ingest_task = _configure(ingest(data_path=data_path, data_version=data_version,
-                                    s3_endpoint_url=s3_endpoint_url, params_json=params_json), "ingest")
+    checkpoints = {
+        "checkpoint_root": checkpoint_root,
+        "s3_endpoint_url": s3_endpoint_url,
+        "num_nodes": num_nodes,
+        "gpus_per_node": gpus_per_node,
+    }
+    ingest_task = _configure(
+        ingest(
+            data_path=data_path,
+            data_version=data_version,
+            s3_endpoint_url=s3_endpoint_url,
+            params_json=params_json,
+        ),
+        "ingest",
+    )
     ingested = ingest_task.outputs["ingested"]
     gate0_task = _configure(gate0(ingested=ingested, params_json=params_json), "gate0")
     lungs_task = _configure(lungs(ingested=ingested, params_json=params_json), "lungs").after(gate0_task)
     slices = lungs_task.outputs["slices"]
-    classify_task = _configure(classify(slices=slices, params_json=params_json, **tracking, **checkpoints),
-                               "classify")
+    classify_task = _configure(
+        classify(slices=slices, params_json=params_json, **tracking, **checkpoints), "classify"
+    )
     classifier = classify_task.outputs["classifier"]
     coarse_task = _configure(coarse(slices=slices, classifier=classifier, params_json=params_json), "coarse")
     coarse_labels = coarse_task.outputs["coarse_labels"]
-    gate_a_task = _configure(gate_a(classifier=classifier, coarse_labels=coarse_labels, params_json=params_json),
-                             "gate-a")
-    mil_task = _configure(mil(slices=slices, classifier=classifier, coarse_labels=coarse_labels,
-                              params_json=params_json, **tracking, **checkpoints), "mil").after(gate_a_task)
+    gate_a_task = _configure(
+        gate_a(classifier=classifier, coarse_labels=coarse_labels, params_json=params_json), "gate-a"
+    )
+    mil_task = _configure(
+        mil(
+            slices=slices,
+            classifier=classifier,
+            coarse_labels=coarse_labels,
+            params_json=params_json,
+            **tracking,
+            **checkpoints,
+        ),
+        "mil",
+    ).after(gate_a_task)
     fine_labels = mil_task.outputs["fine_labels"]
     gate_b_task = _configure(gate_b(fine_labels=fine_labels, params_json=params_json), "gate-b")
-    segment_task = _configure(segment(slices=slices, fine_labels=fine_labels, params_json=params_json, **tracking,
-                                      **checkpoints), "segment").after(gate_b_task)
+    segment_task = _configure(
+        segment(slices=slices, fine_labels=fine_labels, params_json=params_json, **tracking, **checkpoints),
+        "segment",
+    ).after(gate_b_task)
     segmenter = segment_task.outputs["segmenter"]
-    refine_task = _configure(refine(slices=slices, coarse_labels=coarse_labels, fine_labels=fine_labels,
-                                    segmenter=segmenter, params_json=params_json, **tracking, **checkpoints),
-                             "refine")
+    refine_task = _configure(
+        refine(
+            slices=slices,
+            coarse_labels=coarse_labels,
+            fine_labels=fine_labels,
+            segmenter=segmenter,
+            params_json=params_json,
+            **tracking,
+            **checkpoints,
+        ),
+        "refine",
+    )
     refined = refine_task.outputs["refined"]
-    evaluate_task = _configure(evaluate(ingested=ingested, slices=slices, coarse_labels=coarse_labels,
-                                        fine_labels=fine_labels, segmenter=segmenter, refined=refined,
-                                        params_json=params_json, **tracking), "evaluate")
-    register_task = _configure(register(ingested=ingested, segmenter=refined, params_json=params_json,
-                                        **tracking), "register").after(evaluate_task)
-    return TrainingOutputs(evaluation=evaluate_task.outputs["evaluation"],
-                           model_version=register_task.outputs["model_version"],
-                           decision=register_task.outputs["decision"])
+    evaluate_task = _configure(
+        evaluate(
+            ingested=ingested,
+            slices=slices,
+            coarse_labels=coarse_labels,
+            fine_labels=fine_labels,
+            segmenter=segmenter,
+            refined=refined,
+            params_json=params_json,
+            **tracking,
+        ),
+        "evaluate",
+    )
+    register_task = _configure(
+        register(ingested=ingested, segmenter=refined, params_json=params_json, **tracking), "register"
+    ).after(evaluate_task)
+    return TrainingOutputs(
+        evaluation=evaluate_task.outputs["evaluation"],
+        model_version=register_task.outputs["model_version"],
+        decision=register_task.outputs["decision"],
+    )

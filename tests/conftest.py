@@ -65,8 +65,9 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgr
 
 
 @pytest.fixture(scope="session")
-def mlflow_server_postgres(moto_server: MotoServer, postgres_server: PostgresServer,
-                           tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def mlflow_server_postgres(
+    moto_server: MotoServer, postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """A real MLflow tracking server on the PostgreSQL store (as in the prod overlay); yields its URI."""
     with servers.mlflow(postgres_server.dsn, moto_server, tmp_path_factory.mktemp("mlflow-pg")) as uri:
         yield uri
@@ -75,7 +76,9 @@ def mlflow_server_postgres(moto_server: MotoServer, postgres_server: PostgresSer
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def mlflow_server_any(request: pytest.FixtureRequest) -> str:
     """Each MLflow server in turn (sqlite store, then PostgreSQL): a module using it runs once per store."""
-    return request.getfixturevalue({"sqlite": "mlflow_server", "postgres": "mlflow_server_postgres"}[request.param])
+    return request.getfixturevalue(
+        {"sqlite": "mlflow_server", "postgres": "mlflow_server_postgres"}[request.param]
+    )
 
 
 @dataclass(frozen=True)

@@ -63,11 +63,21 @@ def train(shards: str, out: str) -> None:
             losses.append(loss.detach())
         return {"loss": epoch_mean(losses)}
 
-    history = fit(model, EPOCHS, run_epoch, optimizer, Path(f"{out}.ckpt"), "stream", rngs=(draw_rng, shuffle_rng))
+    history = fit(
+        model, EPOCHS, run_epoch, optimizer, Path(f"{out}.ckpt"), "stream", rngs=(draw_rng, shuffle_rng)
+    )
     own = [r for s in manifest["shards"][rank::world] for r in s["rows"]]
-    Path(f"{out}.rank{rank}").write_text(json.dumps({
-        "world": world, "steps": steps, "own_rows": own, "history": history,
-        "weights": [p.detach().reshape(-1).tolist() for p in model.parameters()]}))
+    Path(f"{out}.rank{rank}").write_text(
+        json.dumps(
+            {
+                "world": world,
+                "steps": steps,
+                "own_rows": own,
+                "history": history,
+                "weights": [p.detach().reshape(-1).tolist() for p in model.parameters()],
+            }
+        )
+    )
     distributed.barrier()
     distributed.shutdown()
 
@@ -80,12 +90,16 @@ def replay(shards: str, out: str, ranks: list[str]) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for step in zip(*(run["steps"] for run in runs), strict=True):
         rows = [r for part in step for r in part]
-        x, y = _xy([samples[r].image for r in rows], [max(float(samples[r].meta["label"]), 0.0) for r in rows])
+        x, y = _xy(
+            [samples[r].image for r in rows], [max(float(samples[r].meta["label"]), 0.0) for r in rows]
+        )
         loss = nn.functional.binary_cross_entropy_with_logits(model(x).squeeze(1), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    Path(out).write_text(json.dumps({"weights": [p.detach().reshape(-1).tolist() for p in model.parameters()]}))
+    Path(out).write_text(
+        json.dumps({"weights": [p.detach().reshape(-1).tolist() for p in model.parameters()]})
+    )
 
 
 if __name__ == "__main__":

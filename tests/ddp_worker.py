@@ -47,8 +47,13 @@ def main(out: str, checkpoint: str, crash_at: int = -1) -> None:
         return {"loss": epoch_mean(losses)}
 
     history = fit(model, EPOCHS, run_epoch, optimizer, Path(checkpoint), "ddp-worker", rngs=(rng,))
-    result = {"rank": distributed.rank(), "world": distributed.world_size(), "history": history,
-              "weights": [p.detach().reshape(-1).tolist() for p in model.parameters()], "seen": seen}
+    result = {
+        "rank": distributed.rank(),
+        "world": distributed.world_size(),
+        "history": history,
+        "weights": [p.detach().reshape(-1).tolist() for p in model.parameters()],
+        "seen": seen,
+    }
     Path(f"{out}.rank{distributed.rank()}").write_text(json.dumps(result))
     distributed.barrier()
     distributed.shutdown()

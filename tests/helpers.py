@@ -170,9 +170,17 @@ def cli_env(project: Path, **extra: str) -> dict[str, str]:
 
 def run_covseg(project: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run the installed `covseg` console script in `project` (COVSEG_ROOT set), capturing output."""
-    return subprocess.run([str(BIN / "covseg"), *args], cwd=project, env=cli_env(project),
-                          capture_output=True, text=True, encoding="utf-8", errors="replace",
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [str(BIN / "covseg"), *args],
+        cwd=project,
+        env=cli_env(project),
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=timeout,
+        check=False,
+    )
 
 
 def invoke_cli(project: Path, *args: str) -> Any:
@@ -193,8 +201,11 @@ def error_lines(stderr: str) -> list[str]:
 
 def sha256_tree(folder: Path) -> dict[str, str]:
     """{relative path: sha256} of every file under `folder`."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def tree_state(folder: Path) -> dict[str, tuple[str, int]]:

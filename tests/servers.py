@@ -115,8 +115,9 @@ class ServerProcess:
             self._log_file.close()
 
 
-def start(name: str, cmd: list[str], log_path: Path, env: dict[str, str],
-          stop_signal: int = signal.SIGTERM) -> ServerProcess:
+def start(
+    name: str, cmd: list[str], log_path: Path, env: dict[str, str], stop_signal: int = signal.SIGTERM
+) -> ServerProcess:
     """Start ``cmd`` in a new process group with stdout and stderr appended to ``log_path``."""
     log_file = log_path.open("ab")
     proc = subprocess.Popen(
@@ -259,14 +260,18 @@ def postgres_bindir() -> Path:
     """
     if found := os.environ.get("COVSEG_PG_BINDIR"):
         return Path(found)
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                        key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0)
+    candidates = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0,
+    )
     if candidates:
         return Path(candidates[-1]).parent
     if on_path := shutil.which("initdb"):
         return Path(on_path).resolve().parent
-    raise RuntimeError("PostgreSQL server binaries not found (initdb): run .ci/run, or as root "
-                       "`apt-get install -y postgresql`, or set COVSEG_PG_BINDIR")
+    raise RuntimeError(
+        "PostgreSQL server binaries not found (initdb): run .ci/run, or as root "
+        "`apt-get install -y postgresql`, or set COVSEG_PG_BINDIR"
+    )
 
 
 def _as_postgres_user(cmd: list[str]) -> list[str]:
@@ -279,8 +284,9 @@ def _as_postgres_user(cmd: list[str]) -> list[str]:
 def _pg_connect(port: int, password: str, dbname: str = "postgres") -> Any:
     import psycopg2
 
-    return psycopg2.connect(host="127.0.0.1", port=port, user=POSTGRES_ROLE, password=password, dbname=dbname,
-                            connect_timeout=2)
+    return psycopg2.connect(
+        host="127.0.0.1", port=port, user=POSTGRES_ROLE, password=password, dbname=dbname, connect_timeout=2
+    )
 
 
 def _pg_answers(port: int, password: str) -> bool:
@@ -312,18 +318,47 @@ def postgres(workdir: Path) -> Iterator[PostgresServer]:
     env = {**os.environ, **SERVER_ENV, "LC_ALL": "C"}
     try:
         init = subprocess.run(
-            _as_postgres_user([str(bindir / "initdb"), "-D", str(data), "-U", POSTGRES_ROLE, "-E", "UTF8",
-                               "--no-locale", "--no-sync", "--auth=scram-sha-256", f"--pwfile={pwfile}"]),
-            capture_output=True, text=True, env=env, check=False)
+            _as_postgres_user(
+                [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    POSTGRES_ROLE,
+                    "-E",
+                    "UTF8",
+                    "--no-locale",
+                    "--no-sync",
+                    "--auth=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                ]
+            ),
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
         if init.returncode != 0:
             raise RuntimeError(f"initdb failed ({init.returncode}):\n{init.stdout}\n{init.stderr}")
         server, port = start_on_free_port(
             "postgres",
-            lambda port: _as_postgres_user([
-                str(bindir / "postgres"), "-D", str(data), "-p", str(port),
-                "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
-                "-c", "fsync=off", "-c", "full_page_writes=off",  # a throw-away test cluster
-            ]),
+            lambda port: _as_postgres_user(
+                [
+                    str(bindir / "postgres"),
+                    "-D",
+                    str(data),
+                    "-p",
+                    str(port),
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    "unix_socket_directories=",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "full_page_writes=off",  # a throw-away test cluster
+                ]
+            ),
             log_path,
             env,
             probe=lambda port: _pg_answers(port, role_pw),
@@ -337,8 +372,12 @@ def postgres(workdir: Path) -> Iterator[PostgresServer]:
                 cur.execute("SHOW server_version")
                 version = str(cur.fetchone()[0])
             conn.close()
-            yield PostgresServer(dsn=f"postgresql+psycopg2://{POSTGRES_ROLE}:{role_pw}@127.0.0.1:{port}/"
-                                 f"{POSTGRES_DB}", port=port, version=version, log_path=log_path)
+            yield PostgresServer(
+                dsn=f"postgresql+psycopg2://{POSTGRES_ROLE}:{role_pw}@127.0.0.1:{port}/{POSTGRES_DB}",
+                port=port,
+                version=version,
+                log_path=log_path,
+            )
         finally:
             server.stop()
     finally:
@@ -400,7 +439,10 @@ def mlflow(backend_store_uri: str, s3: MotoServer, workdir: Path) -> Iterator[st
         ]  # fmt: skip
 
     server, port = start_on_free_port(
-        "mlflow server", cmd, workdir / "mlflow_server.log", env,
+        "mlflow server",
+        cmd,
+        workdir / "mlflow_server.log",
+        env,
         probe=lambda port: http_answers(f"http://127.0.0.1:{port}/health", b"OK"),
     )
     try:

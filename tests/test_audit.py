@@ -95,8 +95,11 @@ def data_repo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     commit_b, md5_b = _commit(repo, "data B")
     assert md5_a != md5_b
     return {
-        "repo": repo, "A": (commit_a, md5_a), "B": (commit_b, md5_b),
-        "modified": ["data/medseg_001.jpg"], "deleted": ["data/medseg_000_mask.png"],
+        "repo": repo,
+        "A": (commit_a, md5_a),
+        "B": (commit_b, md5_b),
+        "modified": ["data/medseg_001.jpg"],
+        "deleted": ["data/medseg_000_mask.png"],
         "added": [f"data/{slices[-1].name}"],
         "renamed": [{"old": f"data/{slices[0].name}", "new": f"data/volume/{slices[0].name}"}],
     }
@@ -110,8 +113,13 @@ def client(mlflow_server_any: str) -> Iterator[mlflow.MlflowClient]:
 
 
 def _lineage(commit: str, md5: str, params: dict[str, Any], run: str) -> dict[str, str]:
-    return {"git_commit": commit, "data_md5": md5, "params_hash": params_hash(params), "pipeline_run_id": run,
-            "profile": params["profile"]}
+    return {
+        "git_commit": commit,
+        "data_md5": md5,
+        "params_hash": params_hash(params),
+        "pipeline_run_id": run,
+        "profile": params["profile"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +141,14 @@ def registered(client: mlflow.MlflowClient, data_repo: dict[str, Any]) -> dict[s
             tags = {**_lineage(commit, md5, params, run.info.run_id[:12]), "eval_dice": f"{dice:.4f}"}
             mv = client.create_model_version(name, uri, run_id=run.info.run_id, tags=tags, model_id=model_id)
         per_slice[str(mv.version)] = tuple(dice + d for d in SLICE_OFFSETS)
-        promotion.promote(client, name, promotion.Candidate(str(mv.version), dice, per_slice[str(mv.version)]),
-                          score_champion=lambda uri: per_slice[uri.rsplit("/", 1)[-1]], margin=0.01, floors={})
+        promotion.promote(
+            client,
+            name,
+            promotion.Candidate(str(mv.version), dice, per_slice[str(mv.version)]),
+            score_champion=lambda uri: per_slice[uri.rsplit("/", 1)[-1]],
+            margin=0.01,
+            floors={},
+        )
         versions.append(str(mv.version))
     return {"name": name, "versions": versions, "uri": uri, "model_id": model_id}
 
@@ -172,8 +186,12 @@ def test_audit_versions_lists_data_version_params_metrics_and_aliases(client, da
 def test_audit_diff_reports_exactly_the_changed_data_files(client, data_repo, registered):
     v1, v2 = registered["versions"]
     diff = audit_diff(client, v1, v2, repo=data_repo["repo"], name=registered["name"])
-    assert diff["from"] == {"version": v1, "git_commit": data_repo["A"][0], "data_md5": data_repo["A"][1],
-                            "data_md5_at_commit": data_repo["A"][1]}
+    assert diff["from"] == {
+        "version": v1,
+        "git_commit": data_repo["A"][0],
+        "data_md5": data_repo["A"][1],
+        "data_md5_at_commit": data_repo["A"][1],
+    }
     assert (diff["to"]["git_commit"], diff["to"]["data_md5"]) == data_repo["B"]
     assert diff["modified"] == data_repo["modified"]
     assert diff["added"] == data_repo["added"]
@@ -186,23 +204,33 @@ def test_audit_diff_reports_exactly_the_changed_data_files(client, data_repo, re
     assert "M data/medseg_001.jpg" in text and "D data/medseg_000_mask.png" in text
 
     # Aliases name the same versions; a version against itself is the same data.
-    assert audit_diff(client, "@challenger", "champion", repo=data_repo["repo"], name=registered["name"])[
-        "modified"] == data_repo["modified"]
+    assert (
+        audit_diff(client, "@challenger", "champion", repo=data_repo["repo"], name=registered["name"])[
+            "modified"
+        ]
+        == data_repo["modified"]
+    )
     same = audit_diff(client, f"v{v2}", v2, repo=data_repo["repo"], name=registered["name"])
     assert same["same_data"] and not (same["added"] or same["deleted"] or same["modified"] or same["renamed"])
     assert "same data" in format_diff(same)
 
 
 def _extra_version(client: mlflow.MlflowClient, registered: dict[str, Any], tags: dict[str, str]) -> str:
-    return str(client.create_model_version(registered["name"], registered["uri"], tags=tags,
-                                           model_id=registered["model_id"]).version)
+    return str(
+        client.create_model_version(
+            registered["name"], registered["uri"], tags=tags, model_id=registered["model_id"]
+        ).version
+    )
 
 
 def test_audit_diff_errors_are_one_line(client, data_repo, registered, tmp_path):
     name, repo = registered["name"], data_repo["repo"]
     v1 = registered["versions"][0]
-    unknown = _extra_version(client, registered, {**_lineage("0" * 40, data_repo["B"][1], {"profile": "tiny"},
-                                                             "x"), "eval_dice": "0.3"})
+    unknown = _extra_version(
+        client,
+        registered,
+        {**_lineage("0" * 40, data_repo["B"][1], {"profile": "tiny"}, "x"), "eval_dice": "0.3"},
+    )
     untagged = _extra_version(client, registered, {"note": "registered by hand"})
     cases = [
         (unknown, f"git_commit {'0' * 40} is not a commit of the repository"),

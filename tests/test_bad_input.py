@@ -108,8 +108,9 @@ def gap_in_series(data: Path) -> tuple[dict[str, Any], Path, str]:
 def series_without_label_row(data: Path) -> tuple[dict[str, Any], Path, str]:
     folder = _p001(data)
     table = data / "covid-ct-md" / "slice_labels.csv"
-    table.write_text("".join(line for line in table.read_text().splitlines(keepends=True)
-                             if "P001/0029.dcm" not in line))
+    table.write_text(
+        "".join(line for line in table.read_text().splitlines(keepends=True) if "P001/0029.dcm" not in line)
+    )
     return _src("covid-ct-md"), folder / "0029.dcm", "no label for case P001 instance 29 in slice_labels.csv"
 
 
@@ -122,8 +123,9 @@ def missing_label_table(data: Path) -> tuple[dict[str, Any], Path, str]:
 
 def identified_dicom(data: Path) -> tuple[dict[str, Any], Path, str]:
     folder = _p001(data)
-    bad = rewrite_dicom(folder / "0029.dcm", folder / "0029.dcm",
-                        {TAG_PATIENT_NAME: "Doe^Jane", TAG_BIRTH_DATE: "19800101"})
+    bad = rewrite_dicom(
+        folder / "0029.dcm", folder / "0029.dcm", {TAG_PATIENT_NAME: "Doe^Jane", TAG_BIRTH_DATE: "19800101"}
+    )
     return _src("covid-ct-md"), bad, "DICOM header carries patient identity (PatientName, PatientBirthDate)"
 
 
@@ -138,7 +140,11 @@ def mask_shape_mismatch(data: Path) -> tuple[dict[str, Any], Path, str]:
     mask = data / "medseg-100" / "masks" / "medseg_001.png"
     array = sitk.GetArrayFromImage(sitk.ReadImage(str(mask)))
     sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(array[:-10])), str(mask))
-    return _src("medseg-100"), mask, f"mask shape {(array.shape[0] - 10, array.shape[1])} differs from its image"
+    return (
+        _src("medseg-100"),
+        mask,
+        f"mask shape {(array.shape[0] - 10, array.shape[1])} differs from its image",
+    )
 
 
 def missing_mask(data: Path) -> tuple[dict[str, Any], Path, str]:
@@ -156,12 +162,20 @@ def nan_nifti(data: Path) -> tuple[dict[str, Any], Path, str]:
     bad = folder / "vol01.nii.gz"
     sitk.WriteImage(volume, str(bad))
     # SimpleITK's NIfTI reader turns NaN into 0; the raw scan of the float data still names the NaN
-    return ({"ct-nifti": {"kind": "nifti", "role": "train"}}, bad, "volume contains NaN or infinite values (4096 voxels)")
+    return (
+        {"ct-nifti": {"kind": "nifti", "role": "train"}},
+        bad,
+        "volume contains NaN or infinite values (4096 voxels)",
+    )
 
 
 def missing_source_folder(data: Path) -> tuple[dict[str, Any], Path, str]:
     build_seg_slices(data)  # medseg-100 is configured but absent
-    return _src("covid19-ct-seg-slices", "medseg-100"), data / "medseg-100", "source 'medseg-100' from params.yaml not found"
+    return (
+        _src("covid19-ct-seg-slices", "medseg-100"),
+        data / "medseg-100",
+        "source 'medseg-100' from params.yaml not found",
+    )
 
 
 def zero_byte_jpeg(data: Path) -> tuple[dict[str, Any], Path, str]:
@@ -194,7 +208,9 @@ def png_16bit(data: Path) -> tuple[dict[str, Any], Path, str]:
 
 def unknown_subsource(data: Path) -> tuple[dict[str, Any], Path, str]:
     build_seg_slices(data)
-    bad = copy_file(SEG_SLICES / f"{CORONA}_3.jpg", data / "covid19-ct-seg-slices" / "images" / "mystery_1.jpg")
+    bad = copy_file(
+        SEG_SLICES / f"{CORONA}_3.jpg", data / "covid19-ct-seg-slices" / "images" / "mystery_1.jpg"
+    )
     return _src("covid19-ct-seg-slices"), bad, "file name matches no sub-source"
 
 
@@ -320,14 +336,42 @@ def mask_label_map(data: Path) -> tuple[dict[str, Any], Path, str]:
     return _src("medseg-100"), mask, "mask values [0, 1] are a label map, expected {0,255}"
 
 
-BUILDERS: dict[str, Builder] = {b.__name__: b for b in (
-    corrupt_dicom, zero_byte_dicom, mr_modality, cr_modality, empty_series_folder, gap_in_series,
-    series_without_label_row, missing_label_table, lesion_label_outside_0_1, identified_dicom, birth_date_only,
-    mixed_series, duplicated_slice, non_square_dicom_pixels, zero_spacing_dicom, mask_shape_mismatch,
-    missing_mask, mask_label_map, nan_nifti, zero_spacing_nifti, non_square_nifti, constant_nifti, four_d_nifti,
-    truncated_nifti, missing_source_folder, zero_byte_jpeg, truncated_jpeg, truncated_jpeg_tail, rgb_jpeg,
-    png_16bit, unknown_subsource,
-)}
+BUILDERS: dict[str, Builder] = {
+    b.__name__: b
+    for b in (
+        corrupt_dicom,
+        zero_byte_dicom,
+        mr_modality,
+        cr_modality,
+        empty_series_folder,
+        gap_in_series,
+        series_without_label_row,
+        missing_label_table,
+        lesion_label_outside_0_1,
+        identified_dicom,
+        birth_date_only,
+        mixed_series,
+        duplicated_slice,
+        non_square_dicom_pixels,
+        zero_spacing_dicom,
+        mask_shape_mismatch,
+        missing_mask,
+        mask_label_map,
+        nan_nifti,
+        zero_spacing_nifti,
+        non_square_nifti,
+        constant_nifti,
+        four_d_nifti,
+        truncated_nifti,
+        missing_source_folder,
+        zero_byte_jpeg,
+        truncated_jpeg,
+        truncated_jpeg_tail,
+        rgb_jpeg,
+        png_16bit,
+        unknown_subsource,
+    )
+}
 """Every kind of bad raw input refused at ingest: the data it builds, the file the error names, the problem."""
 
 
@@ -398,8 +442,11 @@ def test_broken_label_tables_are_input_errors(case: str, tmp_path: Path) -> None
     else:
         _p001(data)
         table = data / "covid-ct-md" / "slice_labels.csv"
-        table.write_text(table.read_text().replace("P001,COVID-19,P001/0027.dcm,27,-104.1,1,",
-                                                   "P001,COVID-19,P001/0027.dcm,27,-104.1,yes,"))
+        table.write_text(
+            table.read_text().replace(
+                "P001,COVID-19,P001/0027.dcm,27,-104.1,1,", "P001,COVID-19,P001/0027.dcm,27,-104.1,yes,"
+            )
+        )
         assert ",yes," in table.read_text()
         sources = _src("covid-ct-md")
     with pytest.raises(InputError) as info:
@@ -435,12 +482,15 @@ def test_failed_ingest_leaves_previous_output_untouched(tmp_path: Path) -> None:
     failed = invoke_cli(project, "ingest", "--profile", "tiny")
     assert failed.exit_code == 2
     assert error_lines(failed.stderr) == [
-        f"error: {project / 'data' / 'medseg-100' / 'images' / 'medseg_001.jpg'}: empty file (0 bytes)"]
+        f"error: {project / 'data' / 'medseg-100' / 'images' / 'medseg_001.jpg'}: empty file (0 bytes)"
+    ]
     assert tree_state(ingest_dir) == before
     assert leftovers(project / "artifacts") == ["ingest"]
 
     # And a later good run still replaces it (no stale backup in the way).
-    copy_file(MEDSEG / "images" / "medseg_001.jpg", project / "data" / "medseg-100" / "images" / "medseg_001.jpg")
+    copy_file(
+        MEDSEG / "images" / "medseg_001.jpg", project / "data" / "medseg-100" / "images" / "medseg_001.jpg"
+    )
     again = invoke_cli(project, "ingest", "--profile", "tiny")
     assert again.exit_code == 0, again.stderr
     assert leftovers(project / "artifacts") == ["ingest"]
@@ -510,7 +560,8 @@ def test_manifest_path_traversal_is_refused(how: str, tmp_path: Path) -> None:
     assert result.exit_code == 2, (result.stdout, result.stderr)
     manifest = ingest_dir / MANIFEST
     assert error_lines(result.stderr) == [
-        f"error: {manifest}: file {name!r} points outside {ingest_dir} (path traversal)"], result.stderr
+        f"error: {manifest}: file {name!r} points outside {ingest_dir} (path traversal)"
+    ], result.stderr
     assert not [p.name for p in (project / "artifacts").iterdir() if "lungs" in p.name]
 
     # The other reader of manifest names (the register step's evaluation): mask_file.
@@ -541,7 +592,8 @@ class Outcome:
         """Refused, naming the expected file (or gate report) and problem."""
         if isinstance(self.error, InputError):
             return Path(self.error.path) == self.expected_path and any(
-                alt in self.error.problem for alt in self.expected_problem.split(" | "))
+                alt in self.error.problem for alt in self.expected_problem.split(" | ")
+            )
         if isinstance(self.error, GateFailed):
             return self.error.report == self.expected_path and self.expected_problem in str(self.error)
         return False
@@ -575,7 +627,10 @@ def test_every_bad_input_kind_is_rejected(tmp_path: Path, capsys: pytest.Capture
     require_shared()
     runs: dict[str, Callable[[Path], Outcome]] = {
         name: (lambda root, b=builder: _front_door(root, b))
-        for name, builder in {**BUILDERS, "duplicate_slice_across_splits": duplicate_slice_across_splits}.items()
+        for name, builder in {
+            **BUILDERS,
+            "duplicate_slice_across_splits": duplicate_slice_across_splits,
+        }.items()
     }
     runs["manifest_path_traversal"] = _manifest_traversal
     outcomes = [run(tmp_path / name) for name, run in runs.items()]
@@ -621,7 +676,9 @@ def _bad_studies(root: Path, series: Path) -> dict[str, tuple[Path, dict[str, An
     grey = sitk.GetImageFromArray(np.arange(64 * 64, dtype=np.uint8).reshape(64, 64))
     sitk.WriteImage(sitk.Compose([grey] * 3), str(rgb))
     eight_bit = root / "eight-bit.nii.gz"
-    sitk.WriteImage(sitk.GetImageFromArray(np.arange(4 * 32 * 32, dtype=np.uint8).reshape(4, 32, 32)), str(eight_bit))
+    sitk.WriteImage(
+        sitk.GetImageFromArray(np.arange(4 * 32 * 32, dtype=np.uint8).reshape(4, 32, 32)), str(eight_bit)
+    )
     return {
         "missing": (root / "nope", {}),
         "text file": (text, {}),
@@ -633,8 +690,9 @@ def _bad_studies(root: Path, series: Path) -> dict[str, tuple[Path, dict[str, An
     }
 
 
-def test_bad_study_is_refused_by_predict_before_anything_is_written(predict_series: Path, model_dir: Path,
-                                                                    tmp_path: Path) -> None:
+def test_bad_study_is_refused_by_predict_before_anything_is_written(
+    predict_series: Path, model_dir: Path, tmp_path: Path
+) -> None:
     from covseg.predict import predict_study
 
     series = predict_series

@@ -42,9 +42,20 @@ def _env() -> dict[str, str]:
 
 
 def _run(cwd: Path, *cmd: str, timeout: float = 120) -> str:
-    result = subprocess.run(list(cmd), cwd=cwd, env=_env(), capture_output=True, text=True, encoding="utf-8",
-                            errors="replace", timeout=timeout, check=False)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    result = subprocess.run(
+        list(cmd),
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, (
+        f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    )
     return result.stdout
 
 
@@ -61,8 +72,10 @@ def _scratch_repo(root: Path) -> Path:
 def _real_files(target: Path) -> Path:
     """A few real files of each kind: DICOM + labels, JPEG, mask PNG."""
     build_ct_md(target, {"P001": 25}, n=3)
-    copy_file(SEG_SLICES / "coronacases_org_001_1.jpg", target / "covid19-ct-seg-slices" / "images" /
-              "coronacases_org_001_1.jpg")
+    copy_file(
+        SEG_SLICES / "coronacases_org_001_1.jpg",
+        target / "covid19-ct-seg-slices" / "images" / "coronacases_org_001_1.jpg",
+    )
     copy_file(MEDSEG / "images" / "medseg_000.jpg", target / "medseg-100" / "images" / "medseg_000.jpg")
     copy_file(MEDSEG / "masks" / "medseg_000.png", target / "medseg-100" / "masks" / "medseg_000.png")
     return target
@@ -88,7 +101,9 @@ def test_push_delete_pull_round_trip(moto_server: Any, tmp_path: Path) -> None:
     moto_server.create_bucket(bucket)
     _run(repo, dvc, "remote", "add", "-d", "store", f"s3://{bucket}/dvcstore")
     _run(repo, dvc, "remote", "modify", "--local", "store", "endpointurl", moto_server.endpoint_url)
-    assert moto_server.endpoint_url not in (repo / ".dvc" / "config").read_text(), "endpoint belongs in config.local"
+    assert moto_server.endpoint_url not in (repo / ".dvc" / "config").read_text(), (
+        "endpoint belongs in config.local"
+    )
     _run(repo, dvc, "push", "-q")
 
     listing = moto_server.s3_client().list_objects_v2(Bucket=bucket, Prefix="dvcstore/")
@@ -155,8 +170,10 @@ def test_data_import_refuses(case: str, tmp_path: Path) -> None:
     copy_file(SEG_SLICES / "coronacases_org_001_2.jpg", target / "old.jpg")
     result = invoke_cli(project, "data", "import", str(source), "--to", str(target))
     assert result.exit_code == 2
-    expected = {"target-not-empty": f"error: {target}: already holds data; remove it first",
-                "missing-source": f"error: {source.resolve()}: source folder not found"}[case]
+    expected = {
+        "target-not-empty": f"error: {target}: already holds data; remove it first",
+        "missing-source": f"error: {source.resolve()}: source folder not found",
+    }[case]
     lines = error_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
     assert sorted(p.name for p in target.iterdir()) == ["old.jpg"]

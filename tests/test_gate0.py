@@ -85,12 +85,18 @@ def _duplicate_case(m: pd.DataFrame) -> pd.DataFrame:
 CASES = {
     "hu-pix-max-40000": (_hu_outlier, "hu: ExpectColumnValuesToBeBetween(column=pix_max, max_value=4000)"),
     "label-2": (_label_two, "labelled: ExpectColumnValuesToBeInSet(column=label, value_set=[0, 1])"),
-    "volume-in-two-splits": (_volume_in_two_splits,
-                             "volumes: ExpectColumnMaxToBeBetween(column=n_splits, max_value=1)"),
-    "duplicate-hash-across-splits": (_duplicate_across_splits,
-                                     "hashes: ExpectColumnMaxToBeBetween(column=n_splits, max_value=1)"),
-    "nan-count": (_nan_pixels,
-                  "slices: ExpectColumnValuesToBeBetween(column=nan_count, min_value=0, max_value=0)"),
+    "volume-in-two-splits": (
+        _volume_in_two_splits,
+        "volumes: ExpectColumnMaxToBeBetween(column=n_splits, max_value=1)",
+    ),
+    "duplicate-hash-across-splits": (
+        _duplicate_across_splits,
+        "hashes: ExpectColumnMaxToBeBetween(column=n_splits, max_value=1)",
+    ),
+    "nan-count": (
+        _nan_pixels,
+        "slices: ExpectColumnValuesToBeBetween(column=nan_count, min_value=0, max_value=0)",
+    ),
 }
 # Three more faults at once (one gate run): each must be named, and nothing else.
 MORE = {
@@ -108,7 +114,14 @@ def test_gate0_passes_on_real_tiny_ingest(ingest_dir: Path, tmp_path: Path) -> N
     assert body["gate"] == "gate0" and len(body["checks"]) == 15
     assert all(check["success"] for check in body["checks"])
     assert {check["check"].split(":")[0] for check in body["checks"]} == {
-        "slices", "hu", "8bit", "labelled", "eval", "hashes", "volumes"}
+        "slices",
+        "hu",
+        "8bit",
+        "labelled",
+        "eval",
+        "hashes",
+        "volumes",
+    }
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -138,9 +151,13 @@ def test_gate0_names_every_failed_expectation(ingest_dir: Path, tmp_path: Path) 
     report = tmp_path / "gate0.json"
     with pytest.raises(GateFailed) as info:
         stages.gate0(bad, report, tiny_params())
-    assert sorted(f.split(": ", 2)[0] + ": " + f.split(": ", 2)[1] for f in info.value.failures) == sorted(MORE)
+    assert sorted(f.split(": ", 2)[0] + ": " + f.split(": ", 2)[1] for f in info.value.failures) == sorted(
+        MORE
+    )
     body = json.loads(report.read_text())
-    assert body["success"] is False and sorted(c["check"] for c in body["checks"] if not c["success"]) == sorted(MORE)
+    assert body["success"] is False and sorted(
+        c["check"] for c in body["checks"] if not c["success"]
+    ) == sorted(MORE)
 
 
 def test_gate0_cli_pass_then_fail(ingest_dir: Path, tmp_path: Path) -> None:

@@ -23,8 +23,11 @@ from pathlib import Path
 import pytest
 from helpers import BIN, REPO_ROOT, cli_env, make_project
 
-PACKAGES = {"covseg": REPO_ROOT / "src" / "covseg", "components": REPO_ROOT / "components",
-            "pipelines": REPO_ROOT / "pipelines"}
+PACKAGES = {
+    "covseg": REPO_ROOT / "src" / "covseg",
+    "components": REPO_ROOT / "components",
+    "pipelines": REPO_ROOT / "pipelines",
+}
 BINDINGS = ("components", "pipelines")
 BINDINGS_IN_THE_LIBRARY = {"covseg.cli"}
 """Bindings that live inside the package: the CLI is the console script's entry point."""
@@ -56,8 +59,12 @@ def _imported_names(module: str, path: Path) -> Iterator[str]:
                 base = ".".join([*anchor, base] if base else anchor)
             yield base
             yield from (f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
-        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
-              == "import_module" and node.args and isinstance(node.args[0], ast.Constant)):
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
             yield str(node.args[0].value)
 
 
@@ -72,9 +79,13 @@ def import_graph(packages: dict[str, Path]) -> dict[str, set[str]]:
 
 def layering_violations(graph: dict[str, set[str]]) -> list[str]:
     """``library -> binding`` edges: a covseg module importing from components/ or pipelines/."""
-    return sorted(f"{module} -> {target}" for module, targets in graph.items()
-                  if module.split(".")[0] == "covseg" and module not in BINDINGS_IN_THE_LIBRARY
-                  for target in targets if target.split(".")[0] in BINDINGS)
+    return sorted(
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        if module.split(".")[0] == "covseg" and module not in BINDINGS_IN_THE_LIBRARY
+        for target in targets
+        if target.split(".")[0] in BINDINGS
+    )
 
 
 def import_cycle(graph: dict[str, set[str]]) -> list[str]:
@@ -108,22 +119,32 @@ def _plant(root: Path, files: dict[str, str]) -> dict[str, Path]:
 
 def test_the_checkers_catch_a_planted_cycle_and_a_planted_binding_import(tmp_path: Path) -> None:
     """The cycle this file was written for, rebuilt from lazy imports, and a library module reaching out."""
-    packages = _plant(tmp_path, {
-        "covseg/__init__.py": "",
-        "covseg/pipeline.py": "def compile():\n    import importlib\n"
-                              "    return importlib.import_module('pipelines.training')\n",
-        "covseg/cli.py": "from pipelines import training\n",
-        "components/__init__.py": "",
-        "components/ingest.py": "def ingest():\n    from covseg.pipeline import fetch_data\n",
-        "pipelines/__init__.py": "",
-        "pipelines/training.py": "from components.ingest import ingest\nfrom .helpers import tidy\n",
-        "pipelines/helpers.py": "def tidy():\n    pass\n",
-    })
+    packages = _plant(
+        tmp_path,
+        {
+            "covseg/__init__.py": "",
+            "covseg/pipeline.py": "def compile():\n    import importlib\n"
+            "    return importlib.import_module('pipelines.training')\n",
+            "covseg/cli.py": "from pipelines import training\n",
+            "components/__init__.py": "",
+            "components/ingest.py": "def ingest():\n    from covseg.pipeline import fetch_data\n",
+            "pipelines/__init__.py": "",
+            "pipelines/training.py": "from components.ingest import ingest\nfrom .helpers import tidy\n",
+            "pipelines/helpers.py": "def tidy():\n    pass\n",
+        },
+    )
     graph = import_graph(packages)
-    assert graph["pipelines.training"] == {"components.ingest", "pipelines.helpers"}  # relative import resolved
+    assert graph["pipelines.training"] == {
+        "components.ingest",
+        "pipelines.helpers",
+    }  # relative import resolved
     assert layering_violations(graph) == ["covseg.pipeline -> pipelines.training"]  # not the CLI's import
     cycle = import_cycle(graph)
-    assert cycle[0] == cycle[-1] and set(cycle) == {"covseg.pipeline", "pipelines.training", "components.ingest"}
+    assert cycle[0] == cycle[-1] and set(cycle) == {
+        "covseg.pipeline",
+        "pipelines.training",
+        "components.ingest",
+    }
 
 
 # --- light commands --------------------------------------------------------------------------------------------
@@ -158,21 +179,40 @@ def _last_json_line(result: subprocess.CompletedProcess[str]) -> object:
 
 def cli_probe(project: Path, *args: str) -> tuple[object, list[str]]:
     """(exit code or exception name, heavy modules loaded) of one CLI invocation in a fresh interpreter."""
-    result = subprocess.run([sys.executable, "-c", CLI_PROBE, json.dumps(args), json.dumps(HEAVY)], cwd=project,
-                            env=cli_env(project), capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", CLI_PROBE, json.dumps(args), json.dumps(HEAVY)],
+        cwd=project,
+        env=cli_env(project),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     report = _last_json_line(result)
     return report["outcome"], report["heavy"]
 
 
 def heavy_modules(*modules: str) -> list[str]:
     """Heavy modules loaded by importing `modules` in a fresh interpreter."""
-    result = subprocess.run([sys.executable, "-c", MODULE_PROBE, json.dumps(modules), json.dumps(HEAVY)],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", MODULE_PROBE, json.dumps(modules), json.dumps(HEAVY)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     return _last_json_line(result)
 
 
-LIGHT_COMMANDS = [("--help",), ("params", "--profile", "tiny"), ("pipeline", "compile", "--out", "compiled.yaml"),
-                  ("schedule", "create", "--help"), ("audit", "--help"), ("data", "import", "--help")]
+LIGHT_COMMANDS = [
+    ("--help",),
+    ("params", "--profile", "tiny"),
+    ("pipeline", "compile", "--out", "compiled.yaml"),
+    ("schedule", "create", "--help"),
+    ("audit", "--help"),
+    ("data", "import", "--help"),
+]
 
 
 @pytest.mark.parametrize("args", LIGHT_COMMANDS, ids=lambda args: " ".join(args[:2]))
@@ -183,9 +223,20 @@ def test_light_commands_import_no_heavy_library(args: tuple[str, ...], tmp_path:
         assert (project / "compiled.yaml").stat().st_size > 0  # it really compiled
 
 
-LIGHT_MODULES = ("covseg.cli", "covseg.config", "covseg.errors", "covseg.data", "covseg.gpu_pool", "covseg.checkpoint_store",
-                 "covseg.schedule", "covseg.tracking", "covseg.audit", "pipelines.runner",
-                 "pipelines.train_pipeline", *sorted(m for m in _modules(PACKAGES) if m.startswith("components")))
+LIGHT_MODULES = (
+    "covseg.cli",
+    "covseg.config",
+    "covseg.errors",
+    "covseg.data",
+    "covseg.gpu_pool",
+    "covseg.checkpoint_store",
+    "covseg.schedule",
+    "covseg.tracking",
+    "covseg.audit",
+    "pipelines.runner",
+    "pipelines.train_pipeline",
+    *sorted(m for m in _modules(PACKAGES) if m.startswith("components")),
+)
 """Modules whose top must stay light: the CLI, configuration, scheduling, and everything compiling needs."""
 
 
@@ -209,14 +260,29 @@ def test_renamed_stage_command_keeps_a_hidden_deprecated_alias(trained_tiny, tmp
     for stage in ("ingest", "lungs", "coarse", "mil", "segment", "refine"):
         (artifacts / stage).symlink_to(trained_tiny.stage(stage), target_is_directory=True)
     env = cli_env(project, COVSEG_TRACKING="0")
-    listing = subprocess.run([str(BIN / "covseg"), "--help"], cwd=project, env=env, capture_output=True, text=True,
-                             timeout=60, check=True).stdout
+    listing = subprocess.run(
+        [str(BIN / "covseg"), "--help"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     assert "evaluate-stage" in listing and "evaluate-pipeline" not in listing
-    old = subprocess.run([str(BIN / "covseg"), "evaluate-pipeline", "--profile", "tiny"], cwd=project, env=env,
-                         capture_output=True, text=True, timeout=300, check=False)
+    old = subprocess.run(
+        [str(BIN / "covseg"), "evaluate-pipeline", "--profile", "tiny"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert old.returncode == 0, old.stderr[-3000:]
     notices = [line for line in old.stderr.splitlines() if "deprecated" in line]
-    assert notices == ["DeprecationWarning: The command 'evaluate-pipeline' is deprecated. "
-                       "Use 'covseg evaluate-stage'."], old.stderr[-2000:]
+    assert notices == [
+        "DeprecationWarning: The command 'evaluate-pipeline' is deprecated. Use 'covseg evaluate-stage'."
+    ], old.stderr[-2000:]
     assert "threshold 0.5" in old.stdout
     assert json.loads((artifacts / "evaluate" / "metrics.json").read_text())["final"]["n_slices"] > 0

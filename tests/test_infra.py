@@ -650,7 +650,9 @@ def test_images_copy_every_package_that_pyproject_installs(path: Path) -> None:
 
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     folders = {folder.rstrip("/") for folder in setuptools["package-dir"].values()}
-    copied = {src.rstrip("/") for word, args in _instructions(path) if word == "COPY" for src in args.split()[:-1]}
+    copied = {
+        src.rstrip("/") for word, args in _instructions(path) if word == "COPY" for src in args.split()[:-1]
+    }
     assert folders <= copied, f"{path.name} does not COPY {sorted(folders - copied)}"
 
 

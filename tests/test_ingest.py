@@ -34,11 +34,31 @@ from covseg.io import read_dicom_series
 
 # The manifest is the contract between ingest and every later stage: column -> kind.
 SCHEMA = {
-    "case_id": "str", "dataset": "str", "source": "str", "volume_id": "str", "slice_index": "int",
-    "label": "int", "domain": "str", "spacing_x": "float", "spacing_y": "float", "spacing_z": "float",
-    "height": "int", "width": "int", "file": "str", "z": "int", "sha256": "str", "raw_path": "str",
-    "pix_min": "float", "pix_max": "float", "pix_mean": "float", "nan_count": "int", "mask_file": "str",
-    "role": "str", "split": "str", "lesion_left": "int", "lesion_right": "int",
+    "case_id": "str",
+    "dataset": "str",
+    "source": "str",
+    "volume_id": "str",
+    "slice_index": "int",
+    "label": "int",
+    "domain": "str",
+    "spacing_x": "float",
+    "spacing_y": "float",
+    "spacing_z": "float",
+    "height": "int",
+    "width": "int",
+    "file": "str",
+    "z": "int",
+    "sha256": "str",
+    "raw_path": "str",
+    "pix_min": "float",
+    "pix_max": "float",
+    "pix_mean": "float",
+    "nan_count": "int",
+    "mask_file": "str",
+    "role": "str",
+    "split": "str",
+    "lesion_left": "int",
+    "lesion_right": "int",
 }
 ROTATE = {"coronacases": 1, "radiopaedia": -1, "medseg": -1}  # as in params.yaml
 P001_SPACING = (0.748046875, 0.748046875, 4.0)
@@ -80,7 +100,10 @@ def test_manifest_schema_and_counts(tiny: tuple[Path, Path, pd.DataFrame]) -> No
     counts = manifest.groupby("dataset").size().to_dict()
     assert counts == {"covid-ct-md": 12, "covid19-ct-seg-slices": 4, "medseg-100": 2}
     assert manifest.groupby("dataset")["volume_id"].nunique().to_dict() == {
-        "covid-ct-md": 2, "covid19-ct-seg-slices": 2, "medseg-100": 1}
+        "covid-ct-md": 2,
+        "covid19-ct-seg-slices": 2,
+        "medseg-100": 1,
+    }
     assert set(manifest["source"]) == {"covid-ct-md", "coronacases", "radiopaedia", "medseg"}
     assert manifest["nan_count"].eq(0).all()
     hu = manifest[manifest["domain"] == "hu"]
@@ -146,7 +169,9 @@ def test_slices_ordered_by_position_and_case_file_is_hu(tiny: tuple[Path, Path, 
         image = sitk.ReadImage(str(out / rows["file"].iloc[0]))
         assert image.GetSize() == (512, 512, len(rows))
         assert image.GetPixelID() == sitk.sitkInt16
-        row_mm, col_mm = (float(v) for v in dicom_tags(Path(rows["raw_path"].iloc[0]))["0028|0030"].split("\\"))
+        row_mm, col_mm = (
+            float(v) for v in dicom_tags(Path(rows["raw_path"].iloc[0]))["0028|0030"].split("\\")
+        )
         spacing = (col_mm, row_mm, float(np.median(np.diff(heights))))
         assert spacing[2] == pytest.approx(4.0, abs=0.01)  # every second 2 mm slice kept
         assert image.GetSpacing() == pytest.approx(spacing, abs=1e-4)
@@ -218,8 +243,10 @@ def test_ingest_is_deterministic(tiny: tuple[Path, Path, pd.DataFrame], tmp_path
     moved = tmp_path / "elsewhere" / "data"
     shutil.copytree(data, moved)
     second = stages.ingest(moved, tmp_path / "out", tiny_params())
-    assert (second["raw_path"].str.replace(str(moved), "", regex=False).tolist()
-            == first["raw_path"].str.replace(str(data), "", regex=False).tolist())
+    assert (
+        second["raw_path"].str.replace(str(moved), "", regex=False).tolist()
+        == first["raw_path"].str.replace(str(data), "", regex=False).tolist()
+    )
     pd.testing.assert_frame_equal(first.drop(columns="raw_path"), second.drop(columns="raw_path"))
     assert sha256_tree(out / "cases") == sha256_tree(tmp_path / "out" / "cases")
     assert sha256_tree(out / "masks") == sha256_tree(tmp_path / "out" / "masks")
@@ -253,8 +280,14 @@ def _synthetic(volumes: dict[str, tuple[str, int, str]], slices: int = 3) -> pd.
     rows = []
     for volume, (source, label, role) in volumes.items():
         for k in range(slices):
-            rows.append({"volume_id": volume, "source": source, "role": role,
-                         "label": label if k == 1 or label <= 0 else 0})
+            rows.append(
+                {
+                    "volume_id": volume,
+                    "source": source,
+                    "role": role,
+                    "label": label if k == 1 or label <= 0 else 0,
+                }
+            )
     return pd.DataFrame(rows)
 
 

@@ -107,7 +107,9 @@ def test_otsu_threshold_splits_the_lung_and_ignores_flat_maps() -> None:
     cam[6:14, 6:14] = 0.9  # one hot spot
     level = otsu_in_lung(cam, lung)
     assert 0.2 <= level < 0.9
-    masks = threshold_maps(np.stack([cam, np.full_like(cam, 0.7)]), np.stack([lung, lung]), np.array([0, 1]), "otsu")
+    masks = threshold_maps(
+        np.stack([cam, np.full_like(cam, 0.7)]), np.stack([lung, lung]), np.array([0, 1]), "otsu"
+    )
     assert masks[0].sum() == 64 and not masks[1].any()
 
 
@@ -128,7 +130,6 @@ def test_lesion_prior_keeps_opacities_and_drops_vessels_and_soft_tissue() -> Non
     assert not prior[40:50, 40:50].any()
     no_open = lesion_prior(image, {**fine, "open_radius_frac": 0.0})[0]
     assert no_open[60, 10:120].all()  # without the opening the vessel is kept: the opening does the work
-
 
 
 def test_fusion_keeps_only_where_cam_and_mil_agree() -> None:
@@ -197,10 +198,15 @@ def test_outside_fill_hides_the_lung_border_from_the_weak_localisers(tmp_path: P
     lungs = np.array([[[True, True], [True, False]]])
     index = pd.DataFrame({"row": [0]})
     seen = SliceSet(images, lungs, index, tissue_ceiling=0.55, fill=0.1).tensor(np.array([0]))
-    assert seen[0, 0].tolist() == [[pytest.approx(0.1), pytest.approx(0.3)], [pytest.approx(0.1), pytest.approx(0.1)]]
+    assert seen[0, 0].tolist() == [
+        [pytest.approx(0.1), pytest.approx(0.3)],
+        [pytest.approx(0.1), pytest.approx(0.1)],
+    ]
     assert images[0, 1].tolist() == [pytest.approx(0.7), 0.0]
     params = load_params("quick")
-    assert params["classify"]["outside_fill"] == pytest.approx(LUNG_LEVEL)  # the harmonised healthy-lung level
+    assert params["classify"]["outside_fill"] == pytest.approx(
+        LUNG_LEVEL
+    )  # the harmonised healthy-lung level
     np.savez(tmp_path / SLICES, image=images.astype(np.float16), lung=lungs)
     index.to_parquet(tmp_path / INDEX)
     localisers = SliceSet.for_localisers(tmp_path, params)  # what classify, coarse and mil load
@@ -234,7 +240,7 @@ def test_localiser_agreement_is_the_rank_correlation_inside_the_region() -> None
     cam = np.linspace(0, 1, 16, dtype=np.float32).reshape(1, 4, 4)
     region = np.ones_like(cam, dtype=bool)
     region[0, 0, 0] = False
-    assert localiser_agreement(cam, cam ** 2, region) == pytest.approx(1.0)  # same order, other scale
+    assert localiser_agreement(cam, cam**2, region) == pytest.approx(1.0)  # same order, other scale
     assert localiser_agreement(cam, 1 - cam, region) == pytest.approx(-1.0)
     outside = cam.copy()
     outside[~region] = -5.0  # only the region counts

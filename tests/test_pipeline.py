@@ -46,10 +46,14 @@ ROW_KEYS = ("dice", "iou", "ppv", "sensitivity", "specificity")
 # Four short real DICOM series (both labels in train and in validation), two JPEG volumes, four medseg pairs:
 # every split the stages need, in a tree small enough for kfp.local's one-process-per-task on 2 cores.
 SERIES = {"P001": 25, "cap001": 85, "normal001": 61, "normal002": 61}
-SLICES = ("coronacases_org_001_50", "coronacases_org_001_51", "coronacases_org_001_52",
-          "radiopaedia_org_covid-19-pneumonia-10_85902_1-dcm_9",
-          "radiopaedia_org_covid-19-pneumonia-10_85902_1-dcm_10",
-          "radiopaedia_org_covid-19-pneumonia-10_85902_1-dcm_11")
+SLICES = (
+    "coronacases_org_001_50",
+    "coronacases_org_001_51",
+    "coronacases_org_001_52",
+    "radiopaedia_org_covid-19-pneumonia-10_85902_1-dcm_9",
+    "radiopaedia_org_covid-19-pneumonia-10_85902_1-dcm_10",
+    "radiopaedia_org_covid-19-pneumonia-10_85902_1-dcm_11",
+)
 MEDSEG = ("medseg_000", "medseg_001", "medseg_002", "medseg_003")
 # The tiny profile trains one epoch on a handful of slices: its Grad-CAM labels may come out empty, which
 # gate A's area floor would (rightly) refuse. This test is about the pipeline, not about label quality.
@@ -77,8 +81,15 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("compiled") / "train_pipeline.yaml"
     env = {k: v for k, v in os.environ.items() if k not in ("COVSEG_IMAGE", "COVSEG_GPU_IMAGE")}
     code = "import sys; from pipelines.runner import compile_pipeline; compile_pipeline(sys.argv[1])"
-    result = subprocess.run([sys.executable, "-c", code, str(out)], cwd=REPO_ROOT, env=env, capture_output=True,
-                            text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(out)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return _load_yaml(out)
 
@@ -87,12 +98,19 @@ def test_compiled_pipeline_matches_golden_file(compiled: list[dict[str, Any]]) -
     assert GOLDEN.is_file(), f"{GOLDEN} missing: compile it with `covseg pipeline compile` and commit it"
     fresh, golden = _without_sdk_version(compiled), _without_sdk_version(_load_yaml(GOLDEN))
     if fresh != golden:
-        diff = difflib.unified_diff(yaml.safe_dump_all(golden).splitlines(),
-                                    yaml.safe_dump_all(fresh).splitlines(),
-                                    "pipelines/train_pipeline.yaml (committed)", "compiled now", lineterm="", n=2)
-        pytest.fail("pipelines/train_pipeline.yaml is out of date with components/, pipelines/, params.yaml or "
-                    "infra/gpu_pool.json: recompile with `covseg pipeline compile` and commit it.\n"
-                    + "\n".join(list(diff)[:80]))
+        diff = difflib.unified_diff(
+            yaml.safe_dump_all(golden).splitlines(),
+            yaml.safe_dump_all(fresh).splitlines(),
+            "pipelines/train_pipeline.yaml (committed)",
+            "compiled now",
+            lineterm="",
+            n=2,
+        )
+        pytest.fail(
+            "pipelines/train_pipeline.yaml is out of date with components/, pipelines/, params.yaml or "
+            "infra/gpu_pool.json: recompile with `covseg pipeline compile` and commit it.\n"
+            + "\n".join(list(diff)[:80])
+        )
 
 
 def _tasks(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -124,8 +142,12 @@ def test_placement_and_resources_come_from_gpu_pool_json(compiled: list[dict[str
             selector = pool["node_selector"]
             assert placement["nodeSelector"] == {"labels": {selector["key"]: selector["value"]}}, name
             toleration = pool["toleration"]
-            expected = {"key": toleration["key"], "operator": "Equal", "value": toleration["value"],
-                        "effect": toleration["effect"]}
+            expected = {
+                "key": toleration["key"],
+                "operator": "Equal",
+                "value": toleration["value"],
+                "effect": toleration["effect"],
+            }
             assert placement["tolerations"] == [expected], name
             assert "covseg-gpu" in container["image"], f"{name} must run the CUDA image"
         else:
@@ -146,11 +168,15 @@ def test_gates_guard_the_next_stage_and_retries_caching_are_set(compiled: list[d
         assert task["cachingOptions"].get("enableCache", False) == (name != "register"), name
 
 
-def test_training_tasks_resume_from_checkpoints_under_the_pipeline_root(compiled: list[dict[str, Any]]) -> None:
+def test_training_tasks_resume_from_checkpoints_under_the_pipeline_root(
+    compiled: list[dict[str, Any]],
+) -> None:
     """classify, MIL and segment get the checkpoint root (default: the cluster's pipeline root, where
     infra's kfp-launcher puts it) and the S3 credentials to reach it; a retry of a killed pod resumes."""
     spec, platform = compiled
-    launcher = yaml.safe_load((REPO_ROOT / "infra" / "base" / "pipeline-runs" / "kfp-launcher.yaml").read_text())
+    launcher = yaml.safe_load(
+        (REPO_ROOT / "infra" / "base" / "pipeline-runs" / "kfp-launcher.yaml").read_text()
+    )
     default = spec["root"]["inputDefinitions"]["parameters"]["checkpoint_root"]["defaultValue"]
     assert default.startswith(launcher["data"]["defaultPipelineRoot"].rstrip("/") + "/")
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
@@ -190,9 +216,15 @@ def test_training_tasks_can_run_distributed(compiled: list[dict[str, Any]]) -> N
 
 
 def _run(cwd: Path, *cmd: str) -> None:
-    env = {**os.environ, **TELEMETRY_OFF, "GIT_CONFIG_NOSYSTEM": "1",
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False)
+    env = {
+        **os.environ,
+        **TELEMETRY_OFF,
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+    result = subprocess.run(
+        list(cmd), cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.returncode == 0, f"{' '.join(cmd)}: {result.stdout}\n{result.stderr}"
 
 
@@ -218,7 +250,16 @@ def dvc_remote(moto_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Dv
     moto_server.create_bucket(bucket)
     url = f"s3://{bucket}/dvcstore"
     _run(repo, str(BIN / "dvc"), "remote", "add", "-d", "store", url)
-    _run(repo, str(BIN / "dvc"), "remote", "modify", "--local", "store", "endpointurl", moto_server.endpoint_url)
+    _run(
+        repo,
+        str(BIN / "dvc"),
+        "remote",
+        "modify",
+        "--local",
+        "store",
+        "endpointurl",
+        moto_server.endpoint_url,
+    )
     _run(repo, str(BIN / "dvc"), "push", "-q")
     version = yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
     return DvcRemote(url, version, data)
@@ -232,8 +273,14 @@ def local_run(dvc_remote: DvcRemote, tmp_path_factory: pytest.TempPathFactory) -
     root = tmp_path_factory.mktemp("kfp-local")
     started = time.monotonic()
     # The task processes inherit this environment: moto's endpoint and fake credentials (moto_server).
-    result = run_local("tiny", data_path=dvc_remote.url, pipeline_root=root, data_version=dvc_remote.version,
-                       mlflow_tracking_uri="", overrides=TINY_OVERRIDES)
+    result = run_local(
+        "tiny",
+        data_path=dvc_remote.url,
+        pipeline_root=root,
+        data_version=dvc_remote.version,
+        mlflow_tracking_uri="",
+        overrides=TINY_OVERRIDES,
+    )
     result["seconds"] = time.monotonic() - started
     yield result
 
@@ -256,7 +303,9 @@ def test_local_run_trains_and_evaluates_end_to_end(local_run: dict[str, Any]) ->
     executor_output = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())
     logged = executor_output["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     assert logged["final.dice"] == pytest.approx(table["final"]["dice"])
-    assert (local_run["model_version"], local_run["decision"]) == ("", "skipped"), "no MLflow: nothing registered"
+    assert (local_run["model_version"], local_run["decision"]) == ("", "skipped"), (
+        "no MLflow: nothing registered"
+    )
     # Epoch checkpoints went under the pipeline root, one folder per training stage, swept once it finished.
     checkpoints = run_dir.parent / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == sorted(TRAINING_TASKS)
@@ -272,7 +321,9 @@ def test_ingest_read_the_dvc_version_it_was_given(local_run: dict[str, Any], dvc
     manifest = pd.read_parquet(ingest / "ingested" / MANIFEST)
     images = [p for p in dvc_remote.data.rglob("*") if p.suffix in (".dcm", ".jpg")]
     assert len(manifest) == len(images) == 4 * 6 + len(SLICES) + len(MEDSEG)
-    metadata = json.loads((ingest / "executor_output.json").read_text())["artifacts"]["ingested"]["artifacts"][0]
+    metadata = json.loads((ingest / "executor_output.json").read_text())["artifacts"]["ingested"][
+        "artifacts"
+    ][0]
     assert metadata["metadata"]["data_version"] == dvc_remote.version
 
 
@@ -314,14 +365,24 @@ def test_gate_a_failure_stops_the_run_before_mil(local_run: dict[str, Any], tmp_
 
     @dsl.pipeline(name="gate-a-then-mil")
     def gate_a_then_mil(params_json: str) -> None:
-        slices = dsl.importer(artifact_uri=str(run_dir / "lungs" / "slices"), artifact_class=dsl.Dataset).output
-        classifier = dsl.importer(artifact_uri=str(run_dir / "classify" / "classifier"),
-                                  artifact_class=dsl.Model).output
+        slices = dsl.importer(
+            artifact_uri=str(run_dir / "lungs" / "slices"), artifact_class=dsl.Dataset
+        ).output
+        classifier = dsl.importer(
+            artifact_uri=str(run_dir / "classify" / "classifier"), artifact_class=dsl.Model
+        ).output
         labels = dsl.importer(artifact_uri=str(coarse), artifact_class=dsl.Dataset).output
         gate = gate_a(classifier=classifier, coarse_labels=labels, params_json=params_json)
-        mil(slices=slices, classifier=classifier, coarse_labels=labels, params_json=params_json,
-            mlflow_tracking_uri="", data_version="", checkpoint_root=str(tmp_path / "checkpoints"),
-            s3_endpoint_url="").after(gate)
+        mil(
+            slices=slices,
+            classifier=classifier,
+            coarse_labels=labels,
+            params_json=params_json,
+            mlflow_tracking_uri="",
+            data_version="",
+            checkpoint_root=str(tmp_path / "checkpoints"),
+            s3_endpoint_url="",
+        ).after(gate)
 
     root = tmp_path / "outputs"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
@@ -335,8 +396,9 @@ def test_gate_a_failure_stops_the_run_before_mil(local_run: dict[str, Any], tmp_
     assert any("inside_lung_fraction" in failure for failure in report["failures"]), report["failures"]
 
 
-def test_register_component_registers_the_segmenter(local_run: dict[str, Any], mlflow_server: str,
-                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_register_component_registers_the_segmenter(
+    local_run: dict[str, Any], mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mlflow
     from kfp import dsl
     from mlflow.tracking._tracking_service import utils as tracking_utils
@@ -355,10 +417,14 @@ def test_register_component_registers_the_segmenter(local_run: dict[str, Any], m
     before = getattr(tracking_utils, "_tracking_uri", None)
     metrics = dsl.Metrics(uri=str(tmp_path / "metrics"))
     try:
-        out = register.python_func(ingested=dsl.Dataset(uri=str(run_dir / "ingest" / "ingested")),
-                                   segmenter=dsl.Model(uri=str(run_dir / "segment" / "segmenter")),
-                                   params_json=json.dumps(params), mlflow_tracking_uri=mlflow_server,
-                                   data_version="0123456789abcdef0123456789abcdef.dir", metrics=metrics)
+        out = register.python_func(
+            ingested=dsl.Dataset(uri=str(run_dir / "ingest" / "ingested")),
+            segmenter=dsl.Model(uri=str(run_dir / "segment" / "segmenter")),
+            params_json=json.dumps(params),
+            mlflow_tracking_uri=mlflow_server,
+            data_version="0123456789abcdef0123456789abcdef.dir",
+            metrics=metrics,
+        )
         version = mlflow.MlflowClient(mlflow_server, mlflow_server).get_model_version(name, out.model_version)
     finally:
         mlflow.set_tracking_uri(before)
@@ -371,8 +437,9 @@ def test_register_component_registers_the_segmenter(local_run: dict[str, Any], m
 # --- fetch_data: where the cluster's ingest finds the raw data -------------------------------------------------
 
 
-def test_fetch_data_rebuilds_a_dvc_version_and_checks_it(dvc_remote: DvcRemote, moto_server: Any,
-                                                         tmp_path: Path) -> None:
+def test_fetch_data_rebuilds_a_dvc_version_and_checks_it(
+    dvc_remote: DvcRemote, moto_server: Any, tmp_path: Path
+) -> None:
     from covseg.data import fetch_data
     from covseg.errors import InputError
 
@@ -385,10 +452,13 @@ def test_fetch_data_rebuilds_a_dvc_version_and_checks_it(dvc_remote: DvcRemote, 
         fetch_data(dvc_remote.url, tmp_path / "bad", "latest", moto_server.endpoint_url)
 
     # One object of the version rewritten in the remote: the download no longer matches its md5.
-    bucket, _, prefix = dvc_remote.url[len("s3://"):].partition("/")
+    bucket, _, prefix = dvc_remote.url[len("s3://") :].partition("/")
     s3 = moto_server.s3_client()
-    listing = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/files/md5/{dvc_remote.version[:2]}/"
-                                                          f"{dvc_remote.version[2:]}")["Body"].read())
+    listing = json.loads(
+        s3.get_object(
+            Bucket=bucket, Key=f"{prefix}/files/md5/{dvc_remote.version[:2]}/{dvc_remote.version[2:]}"
+        )["Body"].read()
+    )
     victim = listing[0]["md5"]
     s3.put_object(Bucket=bucket, Key=f"{prefix}/files/md5/{victim[:2]}/{victim[2:]}", Body=b"not the file")
     try:
@@ -444,15 +514,31 @@ classify_only()
 """
 
 
-def _classify_task(pipeline_root: Path, lungs: Path, params: dict[str, Any], checkpoint_root: str,
-                   endpoint: str, log: Path, kill_when: Any = None) -> subprocess.Popen[bytes]:
+def _classify_task(
+    pipeline_root: Path,
+    lungs: Path,
+    params: dict[str, Any],
+    checkpoint_root: str,
+    endpoint: str,
+    log: Path,
+    kill_when: Any = None,
+) -> subprocess.Popen[bytes]:
     """Runs CLASSIFY_ONLY; with `kill_when`, SIGKILLs its whole process group once `kill_when()` is true."""
     env = {**os.environ, **TELEMETRY_OFF, "OMP_NUM_THREADS": "1"}  # 1 thread: 2 spin-waiting ones crawl here
-    cmd = [sys.executable, "-c", CLASSIFY_ONLY, str(pipeline_root), str(lungs), json.dumps(params), checkpoint_root,
-           endpoint]
+    cmd = [
+        sys.executable,
+        "-c",
+        CLASSIFY_ONLY,
+        str(pipeline_root),
+        str(lungs),
+        json.dumps(params),
+        checkpoint_root,
+        endpoint,
+    ]
     with open(log, "wb") as out:
-        task = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        task = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         if kill_when is None:
             task.wait(timeout=300)
@@ -473,14 +559,19 @@ def _classify_task(pipeline_root: Path, lungs: Path, params: dict[str, Any], che
 
 def _classifier_output(pipeline_root: Path, log: Path) -> Path:
     """The classifier folder of the one finished run under `pipeline_root`."""
-    done = [p for p in pipeline_root.glob("classify-only-*/classify/classifier") if (p / "classifier.pt").is_file()]
+    done = [
+        p
+        for p in pipeline_root.glob("classify-only-*/classify/classifier")
+        if (p / "classifier.pt").is_file()
+    ]
     assert len(done) == 1, log.read_text()[-3000:]
     return done[0]
 
 
 @pytest.mark.slow
-def test_killed_training_task_resumes_from_checkpoints_on_s3(trained_tiny: Any, moto_server: Any,
-                                                            tmp_path: Path) -> None:
+def test_killed_training_task_resumes_from_checkpoints_on_s3(
+    trained_tiny: Any, moto_server: Any, tmp_path: Path
+) -> None:
     """A classify task killed mid-training (SIGKILL, like a lost pod) reruns and resumes after its last epoch.
 
     The checkpoints live on (moto) S3 as on the cluster, and the rerun reads its input from a fresh copy
@@ -504,8 +595,15 @@ def test_killed_training_task_resumes_from_checkpoints_on_s3(trained_tiny: Any, 
         listing = s3.list_objects_v2(Bucket=bucket, Prefix="checkpoints/classify/").get("Contents", [])
         return [o["Key"] for o in listing]
 
-    killed = _classify_task(tmp_path / "outputs", trained_tiny.stage("lungs"), params, root, endpoint,
-                            tmp_path / "killed.log", kill_when=lambda: len(checkpoints()) > 1)
+    killed = _classify_task(
+        tmp_path / "outputs",
+        trained_tiny.stage("lungs"),
+        params,
+        root,
+        endpoint,
+        tmp_path / "killed.log",
+        kill_when=lambda: len(checkpoints()) > 1,
+    )
     assert killed.returncode == -signal.SIGKILL
     [key] = [k for k in checkpoints() if k != stale]
     state = torch.load(io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read()), weights_only=True)
@@ -517,10 +615,12 @@ def test_killed_training_task_resumes_from_checkpoints_on_s3(trained_tiny: Any, 
     rerun = _classify_task(tmp_path / "outputs", lungs_again, params, root, endpoint, log)
     assert rerun.returncode == 0, log.read_text()[-3000:]
     counts = [(int(m[1]), int(m[2])) for m in BAR.finditer(log.read_text())]
-    assert counts and counts[0] == (len(done), RESUME_EPOCHS), f"rerun did not start at {len(done)}: {counts[:3]}"
+    assert counts and counts[0] == (len(done), RESUME_EPOCHS), (
+        f"rerun did not start at {len(done)}: {counts[:3]}"
+    )
     resumed = _classifier_output(tmp_path / "outputs", log)
     history = json.loads((resumed / "metrics.json").read_text())["history"]
-    assert history[:len(done)] == done and [h["epoch"] for h in history] == list(range(RESUME_EPOCHS))
+    assert history[: len(done)] == done and [h["epoch"] for h in history] == list(range(RESUME_EPOCHS))
     assert checkpoints() == [], "the finished stage sweeps its own checkpoint and the old key's"
 
     log = tmp_path / "uninterrupted.log"
@@ -528,6 +628,7 @@ def test_killed_training_task_resumes_from_checkpoints_on_s3(trained_tiny: Any, 
     assert whole.returncode == 0, log.read_text()[-3000:]
     uninterrupted = _classifier_output(tmp_path / "whole", log)
     assert json.loads((uninterrupted / "metrics.json").read_text()) == json.loads(
-        (resumed / "metrics.json").read_text()), "losses and validation AUC of the resumed run"
+        (resumed / "metrics.json").read_text()
+    ), "losses and validation AUC of the resumed run"
     a, b = (torch.load(folder / "classifier.pt", weights_only=True) for folder in (resumed, uninterrupted))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights of the resumed run"

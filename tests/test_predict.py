@@ -84,7 +84,9 @@ def series_without_uids(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def jpeg(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return copy_file(MEDSEG / "images" / f"{MEDSEG_STEM}.jpg", tmp_path_factory.mktemp("slice") / f"{MEDSEG_STEM}.jpg")
+    return copy_file(
+        MEDSEG / "images" / f"{MEDSEG_STEM}.jpg", tmp_path_factory.mktemp("slice") / f"{MEDSEG_STEM}.jpg"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +96,9 @@ def dicom_run(series: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFa
     return out, report
 
 
-def test_dicom_outputs_on_the_series_grid(dicom_run: tuple[Path, dict], series: Path, model_dir: Path) -> None:
+def test_dicom_outputs_on_the_series_grid(
+    dicom_run: tuple[Path, dict], series: Path, model_dir: Path
+) -> None:
     out, report = dicom_run
     assert sorted(p.name for p in out.iterdir()) == sorted([LESION_NII, LUNG_NII, REPORT, OVERLAY, SEG_FILE])
     assert json.loads((out / REPORT).read_text()) == report and report["outputs"]["dicom_seg"] == SEG_FILE
@@ -108,11 +112,15 @@ def test_dicom_outputs_on_the_series_grid(dicom_run: tuple[Path, dict], series: 
     assert not (lesion.astype(bool) & (lung == 0)).any(), "lesion outside the lung mask"
     assert report["n_slices"] == N_FILES == lesion.shape[0]
     assert report["input"]["kind"] == "dicom" and report["input"]["size"] == list(image.GetSize())
-    assert sorted(report["input"]["instance_numbers"]) == list(range(FIRST_INSTANCE, FIRST_INSTANCE + 2 * N_FILES, 2))
+    assert sorted(report["input"]["instance_numbers"]) == list(
+        range(FIRST_INSTANCE, FIRST_INSTANCE + 2 * N_FILES, 2)
+    )
     assert sitk.ReadImage(str(out / OVERLAY)).GetSize()[0] > 300
 
 
-def test_dicom_report_follows_from_the_masks(dicom_run: tuple[Path, dict], series: Path, model_dir: Path) -> None:
+def test_dicom_report_follows_from_the_masks(
+    dicom_run: tuple[Path, dict], series: Path, model_dir: Path
+) -> None:
     out, report = dicom_run
     lesion, lung = _array(out / LESION_NII).astype(bool), _array(out / LUNG_NII)
     voxel_ml = float(np.prod(read_dicom_series(series).image.GetSpacing())) / 1000.0
@@ -124,7 +132,9 @@ def test_dicom_report_follows_from_the_masks(dicom_run: tuple[Path, dict], serie
         assert report["lesion_ml"][side] == pytest.approx(n_lesion * voxel_ml, rel=1e-9)
         assert report["lung_ml"][side] == pytest.approx(n_lung * voxel_ml, rel=1e-9)
         assert report["lesion_percent_of_lung"][side] == pytest.approx(100 * n_lesion / n_lung, rel=1e-9)
-    assert report["lesion_ml"]["right"] + report["lesion_ml"]["left"] == pytest.approx(report["lesion_ml"]["both"])
+    assert report["lesion_ml"]["right"] + report["lesion_ml"]["left"] == pytest.approx(
+        report["lesion_ml"]["both"]
+    )
     assert min(report["lung_ml"]["right"], report["lung_ml"]["left"]) > 0.3 * report["lung_ml"]["both"] / 2
     # patient's left = high column index in the LPS array (radiological view: right of the image)
     left_cols, right_cols = np.nonzero(lung == LEFT)[2], np.nonzero(lung == RIGHT)[2]
@@ -132,7 +142,9 @@ def test_dicom_report_follows_from_the_masks(dicom_run: tuple[Path, dict], serie
     per_slice = report["per_slice"]
     assert [s["lesion_voxels"] for s in per_slice] == lesion.reshape(len(lesion), -1).sum(axis=1).tolist()
     assert sum(s["lung_voxels"] for s in per_slice) == report["voxels"]["both"]["lung"]
-    assert report["overlay_slices"] and all(per_slice[z]["lesion_voxels"] > 0 for z in report["overlay_slices"])
+    assert report["overlay_slices"] and all(
+        per_slice[z]["lesion_voxels"] > 0 for z in report["overlay_slices"]
+    )
     model = report["model"]
     assert model["source"] == "folder" and model["uri"] == str(model_dir.resolve())
     assert model["version"].startswith("sha256:")
@@ -140,7 +152,9 @@ def test_dicom_report_follows_from_the_masks(dicom_run: tuple[Path, dict], serie
     assert {"data_md5", "git_commit"} <= model.keys()
     # the model folder carries the lineage of the run that trained it (segmenter.json), and the report says it
     assert model["pipeline_run_id"] == model["meta"]["pipeline_run_id"] == "tiny-fixture"
-    assert model["data_md5"] == model["meta"]["data_md5"] and model["git_commit"] == model["meta"]["git_commit"]
+    assert (
+        model["data_md5"] == model["meta"]["data_md5"] and model["git_commit"] == model["meta"]["git_commit"]
+    )
     assert report["seconds"] >= sum(report["timing_s"].values()) * 0.99 > 0
 
 
@@ -156,7 +170,9 @@ def _pixels_to_nifti_index(header: Any, mask: sitk.Image) -> tuple[np.ndarray, .
     direction = np.array(mask.GetDirection()).reshape(3, 3)
     index = (points - np.array(mask.GetOrigin())) @ direction / np.array(mask.GetSpacing())
     x, y, z = np.rint(index).astype(int).transpose(2, 0, 1)
-    assert (x >= 0).all() and (x < mask.GetSize()[0]).all() and (y >= 0).all() and (y < mask.GetSize()[1]).all()
+    assert (
+        (x >= 0).all() and (x < mask.GetSize()[0]).all() and (y >= 0).all() and (y < mask.GetSize()[1]).all()
+    )
     return z, y, x
 
 
@@ -167,23 +183,38 @@ def _check_seg_against_nifti(out: Path, series: Path) -> None:
     import pydicom
 
     seg = hd.seg.segread(out / SEG_FILE)
-    sources = {str(h.SOPInstanceUID): h for h in (pydicom.dcmread(p, stop_before_pixels=True)
-                                                   for p in sorted(series.iterdir()))}
+    sources = {
+        str(h.SOPInstanceUID): h
+        for h in (pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(series.iterdir()))
+    }
     first = next(iter(sources.values()))
     assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY"
-    assert seg.StudyInstanceUID == first.StudyInstanceUID and seg.FrameOfReferenceUID == first.FrameOfReferenceUID
+    assert (
+        seg.StudyInstanceUID == first.StudyInstanceUID
+        and seg.FrameOfReferenceUID == first.FrameOfReferenceUID
+    )
     assert seg.SeriesInstanceUID != first.SeriesInstanceUID
     referenced = seg.ReferencedSeriesSequence[0]
     assert referenced.SeriesInstanceUID == first.SeriesInstanceUID
     assert {str(i.ReferencedSOPInstanceUID) for i in referenced.ReferencedInstanceSequence} == set(sources)
     descriptions = {n: seg.get_segment_description(n) for n in seg.get_segment_numbers()}
     assert {n: d.SegmentLabel for n, d in descriptions.items()} == {
-        LESION_SEGMENT: "COVID-19 lesion", RIGHT_LUNG_SEGMENT: "right lung", LEFT_LUNG_SEGMENT: "left lung"}
+        LESION_SEGMENT: "COVID-19 lesion",
+        RIGHT_LUNG_SEGMENT: "right lung",
+        LEFT_LUNG_SEGMENT: "left lung",
+    }
     assert [descriptions[n].segmented_property_type.value for n in sorted(descriptions)] == [
-        "52988006", "3341006", "44029006"]  # SNOMED CT: lesion, right lung, left lung
+        "52988006",
+        "3341006",
+        "44029006",
+    ]  # SNOMED CT: lesion, right lung, left lung
     lesion_img, lung_img = sitk.ReadImage(str(out / LESION_NII)), sitk.ReadImage(str(out / LUNG_NII))
     lesion, lung = sitk.GetArrayFromImage(lesion_img), sitk.GetArrayFromImage(lung_img)
-    expected = {LESION_SEGMENT: lesion == 1, RIGHT_LUNG_SEGMENT: lung == RIGHT, LEFT_LUNG_SEGMENT: lung == LEFT}
+    expected = {
+        LESION_SEGMENT: lesion == 1,
+        RIGHT_LUNG_SEGMENT: lung == RIGHT,
+        LEFT_LUNG_SEGMENT: lung == LEFT,
+    }
     # frame by frame: its source instance (per-frame derivation), its position, its pixels
     n_frames = 0
     for i, group in enumerate(seg.PerFrameFunctionalGroupsSequence):
@@ -196,8 +227,11 @@ def _check_seg_against_nifti(out: Path, series: Path) -> None:
         np.testing.assert_array_equal(frame, expected[number][_pixels_to_nifti_index(header, lesion_img)])
         n_frames += 1
     # no frame left out but the empty ones (highdicom omits those)
-    non_empty = sum(int(expected[n][_pixels_to_nifti_index(h, lesion_img)].any())
-                    for h in sources.values() for n in expected)
+    non_empty = sum(
+        int(expected[n][_pixels_to_nifti_index(h, lesion_img)].any())
+        for h in sources.values()
+        for n in expected
+    )
     assert n_frames == non_empty > len(sources)
     by_instance = seg.get_pixels_by_source_instance(list(sources), segment_numbers=sorted(expected))
     for k, header in enumerate(sources.values()):
@@ -233,8 +267,9 @@ def _store_flipped(series: Path, folder: Path) -> Path:
     return folder
 
 
-def test_dicom_seg_of_a_series_stored_flipped(series: Path, dicom_run: tuple[Path, dict],
-                                              segmenter: LesionSegmenter, tmp_path: Path) -> None:
+def test_dicom_seg_of_a_series_stored_flipped(
+    series: Path, dicom_run: tuple[Path, dict], segmenter: LesionSegmenter, tmp_path: Path
+) -> None:
     """Frames lie on each instance's stored grid, not on the LPS grid the masks are computed on."""
     flipped = _store_flipped(series, tmp_path / "P001-flipped")
     assert read_dicom_series(flipped).file_orientation == "RAS"
@@ -243,22 +278,36 @@ def test_dicom_seg_of_a_series_stored_flipped(series: Path, dicom_run: tuple[Pat
     _check_seg_against_nifti(tmp_path / "out", flipped)
 
 
-def test_no_dicom_seg_for_a_series_without_instance_uids(series_without_uids: Path, segmenter: LesionSegmenter,
-                                                        tmp_path: Path) -> None:
+def test_no_dicom_seg_for_a_series_without_instance_uids(
+    series_without_uids: Path, segmenter: LesionSegmenter, tmp_path: Path
+) -> None:
     """A SEG cannot reference instances without UIDs: masks and report as usual, the SEG left out, and why."""
     from covseg.predict import format_summary
 
     report = predict_study(series_without_uids, segmenter, tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([LESION_NII, LUNG_NII, REPORT, OVERLAY])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [LESION_NII, LUNG_NII, REPORT, OVERLAY]
+    )
     assert report["outputs"]["dicom_seg"] is None
     assert report["outputs"]["dicom_seg_skipped"] == "the source series has no valid StudyInstanceUID"
     assert "no DICOM SEG: the source series has no valid StudyInstanceUID" in format_summary(report)
     assert report["n_slices"] == N_FILES and "write_seg" not in report["timing_s"]
 
 
-IDENTITY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
-                     "PatientIdentityRemoved", "DeidentificationMethod", "OtherPatientIDs", "PatientAddress",
-                     "AccessionNumber", "ReferringPhysicianName", "InstitutionName")
+IDENTITY_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "OtherPatientIDs",
+    "PatientAddress",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "InstitutionName",
+)
 
 
 def _identity(dataset: Any) -> dict[str, str]:
@@ -272,8 +321,9 @@ def _passes_phi_rule(dataset: Any) -> bool:
 
 
 @pytest.mark.parametrize("declared", [False, True])
-def test_dicom_seg_carries_no_more_identity_than_its_source(declared: bool, series: Path, segmenter: LesionSegmenter,
-                                                            tmp_path: Path) -> None:
+def test_dicom_seg_carries_no_more_identity_than_its_source(
+    declared: bool, series: Path, segmenter: LesionSegmenter, tmp_path: Path
+) -> None:
     """The SEG copies the source's patient and study identity, no more and no private tags: a source without
     a name gives a SEG without one, a declared de-identified one (PatientIdentityRemoved YES, a pseudonymous
     name) gives a SEG that declares it too, so it passes the same PHI rule as its source."""
@@ -300,8 +350,9 @@ def test_dicom_seg_carries_no_more_identity_than_its_source(declared: bool, seri
         assert not str(seg.PatientName) and "PatientIdentityRemoved" not in seg
 
 
-def test_dicom_seg_of_an_allowed_identified_source_keeps_its_identity(series: Path, segmenter: LesionSegmenter,
-                                                                      tmp_path: Path) -> None:
+def test_dicom_seg_of_an_allowed_identified_source_keeps_its_identity(
+    series: Path, segmenter: LesionSegmenter, tmp_path: Path
+) -> None:
     """--allow-identified: the SEG belongs to the same patient in a PACS, so it carries the same identity."""
     import pydicom
 
@@ -318,12 +369,15 @@ def test_dicom_seg_of_an_allowed_identified_source_keeps_its_identity(series: Pa
     seg = pydicom.dcmread(tmp_path / "out" / SEG_FILE, stop_before_pixels=True)
     assert _identity(seg) == _identity(pydicom.dcmread(sorted(folder.iterdir())[0], stop_before_pixels=True))
     assert str(seg.PatientName) == "Doe^Jane" and seg.PatientBirthDate == "19800101"
-    assert not _passes_phi_rule(seg)  # as identified as its source: covseg would refuse it without the flag too
+    assert not _passes_phi_rule(
+        seg
+    )  # as identified as its source: covseg would refuse it without the flag too
 
 
 @pytest.mark.parametrize("orientation", ["LPS", "RAS"])
-def test_nifti_mask_in_the_file_geometry(orientation: str, series: Path, dicom_run: tuple[Path, dict],
-                                         segmenter: LesionSegmenter, tmp_path: Path) -> None:
+def test_nifti_mask_in_the_file_geometry(
+    orientation: str, series: Path, dicom_run: tuple[Path, dict], segmenter: LesionSegmenter, tmp_path: Path
+) -> None:
     """A NIfTI stored in any axis order gets its mask on the file's own grid, with the DICOM run's voxels."""
     volume = tmp_path / f"P001-{orientation}.nii.gz"
     sitk.WriteImage(sitk.DICOMOrient(read_dicom_series(series).image, orientation), str(volume))
@@ -331,10 +385,14 @@ def test_nifti_mask_in_the_file_geometry(orientation: str, series: Path, dicom_r
     source = sitk.ReadImage(str(volume))
     for name in (LESION_NII, LUNG_NII):
         _assert_same_geometry(sitk.ReadImage(str(tmp_path / "out" / name)), source)
-    lesion_lps = sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(tmp_path / "out" / LESION_NII)), "LPS"))
+    lesion_lps = sitk.GetArrayFromImage(
+        sitk.DICOMOrient(sitk.ReadImage(str(tmp_path / "out" / LESION_NII)), "LPS")
+    )
     dicom_out, dicom_report = dicom_run
     np.testing.assert_array_equal(lesion_lps, _array(dicom_out / LESION_NII))
-    assert report["input"]["kind"] == "nifti" and report["input"]["file_geometry"]["orientation"] == orientation
+    assert (
+        report["input"]["kind"] == "nifti" and report["input"]["file_geometry"]["orientation"] == orientation
+    )
     assert report["voxels"] == dicom_report["voxels"]
     assert report["lesion_ml"] == pytest.approx(dicom_report["lesion_ml"])
 
@@ -350,7 +408,10 @@ def test_jpeg_slice(jpeg: Path, segmenter: LesionSegmenter, tmp_path: Path) -> N
     lesion, lung = lesion > 0, lung > 0
     assert lesion.any() and not (lesion & ~lung).any()
     assert report["units"] == "pixels" and report["n_slices"] == 1
-    assert report["input"]["size"] == [image.shape[1], image.shape[0]] and report["input"]["rotate"] == MEDSEG_ROTATE
+    assert (
+        report["input"]["size"] == [image.shape[1], image.shape[0]]
+        and report["input"]["rotate"] == MEDSEG_ROTATE
+    )
     assert report["voxels"]["both"] == {"lesion": int(lesion.sum()), "lung": int(lung.sum())}
     assert report["lesion_px"]["both"] == int(lesion.sum())
     assert report["lesion_percent_of_lung"]["both"] == pytest.approx(100 * lesion.sum() / lung.sum())
@@ -375,15 +436,22 @@ def test_build_report_counts_a_known_volume() -> None:
     masks = StudyMasks(lesion=lesion, sides=sides, midline=4.5, split="components")
     before = (lesion.copy(), sides.copy())
     report = build_report(study, masks, {"source": "test"}, 0.5, "2026-01-01T00:00:00+00:00", n_overlay=6)
-    assert report == build_report(study, masks, {"source": "test"}, 0.5, "2026-01-01T00:00:00+00:00", n_overlay=6)
+    assert report == build_report(
+        study, masks, {"source": "test"}, 0.5, "2026-01-01T00:00:00+00:00", n_overlay=6
+    )
     np.testing.assert_array_equal(lesion, before[0])
     np.testing.assert_array_equal(sides, before[1])
     assert report["units"] == "mL" and report["voxel_ml"] == pytest.approx(0.001)
-    assert report["voxels"] == {"right": {"lesion": 4, "lung": 54}, "left": {"lesion": 3, "lung": 36},
-                                "both": {"lesion": 7, "lung": 90}}
+    assert report["voxels"] == {
+        "right": {"lesion": 4, "lung": 54},
+        "left": {"lesion": 3, "lung": 36},
+        "both": {"lesion": 7, "lung": 90},
+    }
     assert report["lesion_ml"] == pytest.approx({"right": 0.004, "left": 0.003, "both": 0.007})
     assert report["lung_ml"] == pytest.approx({"right": 0.054, "left": 0.036, "both": 0.090})
-    assert report["lesion_percent_of_lung"] == pytest.approx({"right": 400 / 54, "left": 300 / 36, "both": 700 / 90})
+    assert report["lesion_percent_of_lung"] == pytest.approx(
+        {"right": 400 / 54, "left": 300 / 36, "both": 700 / 90}
+    )
     assert [s["lesion_voxels"] for s in report["per_slice"]] == [0, 4, 3]
     assert [s["percent"] for s in report["per_slice"]] == pytest.approx([0.0, 400 / 30, 300 / 30])
     assert report["overlay_slices"] == [1, 2]  # the slices with lesion, in z order
@@ -401,13 +469,17 @@ def test_build_report_of_a_slice_is_in_pixels() -> None:
     sides[0, :, :3], sides[0, :, 3:] = RIGHT, LEFT
     lesion = np.zeros(view.shape, dtype=bool)
     report = build_report(study, StudyMasks(lesion, sides, 2.5, "midline"), {}, 0.5, "now", n_overlay=6)
-    assert report["units"] == "pixels" and report["input"]["size"] == [4, 6] and report["input"]["rotate"] == 1
+    assert (
+        report["units"] == "pixels" and report["input"]["size"] == [4, 6] and report["input"]["rotate"] == 1
+    )
     assert report["lesion_px"] == {"right": 0, "left": 0, "both": 0}
     assert report["lung_px"] == {"right": 12, "left": 12, "both": 24}
     assert report["overlay_slices"] == [0]  # no lesion anywhere: the slice with the most lung
 
 
-def test_output_folder_is_guarded(series: Path, jpeg: Path, segmenter: LesionSegmenter, tmp_path: Path) -> None:
+def test_output_folder_is_guarded(
+    series: Path, jpeg: Path, segmenter: LesionSegmenter, tmp_path: Path
+) -> None:
     """The output replaces an earlier prediction, never the input or an unrelated folder."""
     before = sorted(p.name for p in series.iterdir())
     with pytest.raises(InputError, match="holds the input"):
@@ -446,24 +518,31 @@ def _register(tracking: Any, model_dir: Path, lineage: dict[str, str]) -> tuple[
     experiment = tracking.create_experiment(name)
     with mlflow.start_run(experiment_id=experiment):
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=serving.CovsegModel(),
-            artifacts={serving.SEGMENTER_PT: str(model_dir / "segmenter.pt"),
-                       serving.SEGMENTER_META: str(model_dir / "segmenter.json")},
-            signature=serving.signature(), pip_requirements=["mlflow", "torch", "numpy"])
+            name="model",
+            python_model=serving.CovsegModel(),
+            artifacts={
+                serving.SEGMENTER_PT: str(model_dir / "segmenter.pt"),
+                serving.SEGMENTER_META: str(model_dir / "segmenter.json"),
+            },
+            signature=serving.signature(),
+            pip_requirements=["mlflow", "torch", "numpy"],
+        )
     version = mlflow.register_model(info.model_uri, name, tags=lineage)
     tracking.set_registered_model_alias(name, "champion", version.version)
     return name, str(version.version)
 
 
-def test_mlflow_pyfunc_gives_the_cli_mask(tracking: Any, model_dir: Path, jpeg: Path,
-                                          segmenter: LesionSegmenter, tmp_path: Path) -> None:
+def test_mlflow_pyfunc_gives_the_cli_mask(
+    tracking: Any, model_dir: Path, jpeg: Path, segmenter: LesionSegmenter, tmp_path: Path
+) -> None:
     import mlflow.pyfunc
 
     lineage = {"data_md5": "0123456789abcdef0123456789abcdef", "git_commit": "feedc0de"}
     name, number = _register(tracking, model_dir, lineage)
     view = np.ascontiguousarray(np.rot90(read_slice(jpeg), MEDSEG_ROTATE))
     served = mlflow.pyfunc.load_model(f"models:/{name}/{number}").predict(
-        view[None].astype(np.float32), params={"domain": "8bit"})
+        view[None].astype(np.float32), params={"domain": "8bit"}
+    )
     direct = segmenter.predict_slices([view], "8bit")[0].prob >= 0.5
     assert served.shape == (1, *view.shape) and served.dtype == np.uint8
     np.testing.assert_array_equal(served[0].astype(bool), direct)
@@ -487,17 +566,28 @@ def test_cli_predict(jpeg: Path, model_dir: Path, tmp_path: Path) -> None:
         pytest.skip("covseg.cli has no `predict` command yet")
     runner = CliRunner()
     out = tmp_path / "out"
-    ok = runner.invoke(main, ["predict", str(jpeg), "--model", str(model_dir), "--out", str(out),
-                              "--rotate", str(MEDSEG_ROTATE)])
+    ok = runner.invoke(
+        main,
+        ["predict", str(jpeg), "--model", str(model_dir), "--out", str(out), "--rotate", str(MEDSEG_ROTATE)],
+    )
     assert ok.exit_code == 0, ok.output
     assert (out / LESION_PNG).is_file() and "% of lung" in ok.output
-    bad = runner.invoke(main, ["predict", str(tmp_path / "nope.jpg"), "--model", str(model_dir),
-                               "--out", str(tmp_path / "out2")])
+    bad = runner.invoke(
+        main,
+        ["predict", str(tmp_path / "nope.jpg"), "--model", str(model_dir), "--out", str(tmp_path / "out2")],
+    )
     assert bad.exit_code == EXIT_BAD_INPUT and "error:" in bad.output and not (tmp_path / "out2").exists()
 
 
-def test_cli_predict_prints_no_library_warnings(tracking: Any, mlflow_server: str, model_dir: Path, jpeg: Path,
-                                                series: Path, series_without_uids: Path, tmp_path: Path) -> None:
+def test_cli_predict_prints_no_library_warnings(
+    tracking: Any,
+    mlflow_server: str,
+    model_dir: Path,
+    jpeg: Path,
+    series: Path,
+    series_without_uids: Path,
+    tmp_path: Path,
+) -> None:
     """What a user sees of `covseg predict` (a fresh process): the summary, no library warning on stderr.
 
     A real slice through a registered model (MLflow's type-hint advice fires when the pyfunc class is
@@ -506,13 +596,21 @@ def test_cli_predict_prints_no_library_warnings(tracking: Any, mlflow_server: st
     """
     name, _ = _register(tracking, model_dir, {})
     env = {**os.environ, **TELEMETRY_OFF, "MLFLOW_TRACKING_URI": mlflow_server}
-    runs = {"slice": [str(jpeg), "--model", f"models:/{name}@champion", "--rotate", str(MEDSEG_ROTATE)],
-            "series": [str(series), "--model", str(model_dir)],
-            "series without UIDs": [str(series_without_uids), "--model", str(model_dir)]}
+    runs = {
+        "slice": [str(jpeg), "--model", f"models:/{name}@champion", "--rotate", str(MEDSEG_ROTATE)],
+        "series": [str(series), "--model", str(model_dir)],
+        "series without UIDs": [str(series_without_uids), "--model", str(model_dir)],
+    }
     for label, args in runs.items():
         out = tmp_path / label.replace(" ", "-")
-        done = subprocess.run([str(BIN / "covseg"), "predict", *args, "--out", str(out)], env=env,
-                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        done = subprocess.run(
+            [str(BIN / "covseg"), "predict", *args, "--out", str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
         assert done.returncode == 0, done.stderr
         assert "warning" not in (done.stderr + done.stdout).lower(), f"{label}: {done.stderr}"
         assert not [line for line in done.stderr.splitlines() if line.strip()], f"{label}: {done.stderr}"

@@ -36,7 +36,8 @@ def test_an_epoch_loop_writes_one_line_per_epoch(monkeypatch: pytest.MonkeyPatch
     lines = log.getvalue().splitlines()
     assert len(lines) == 1 + 5, lines  # the 0/5 line, then one per epoch with its count and its loss
     assert [(f"{k}/5" in line, f"loss={1.0 / k:.3g}" in line) for k, line in enumerate(lines[1:], 1)] == [
-        (True, True)] * 5, lines
+        (True, True)
+    ] * 5, lines
 
 
 def test_a_terminal_gets_tqdm_redraws(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -144,7 +144,13 @@ def test_log_segmenter_registers_version_with_lineage_and_artifacts_on_s3(client
     keys = [o["Key"] for o in moto_server.s3_client().list_objects_v2(Bucket="mlflow-artifacts")["Contents"]]
     model_id = mv.model_id or mv.source.split("/")[-1]
     stored = {k.rsplit("/", 1)[-1] for k in keys if model_id in k}
-    assert {"MLmodel", "tiny_model_code.py", "weights.safetensors", "preprocessing.json", "requirements.txt"} <= stored
+    assert {
+        "MLmodel",
+        "tiny_model_code.py",
+        "weights.safetensors",
+        "preprocessing.json",
+        "requirements.txt",
+    } <= stored
     assert not [k for k in stored if k.endswith((".pkl", ".pt"))], stored
     assert logged["seconds"] < 20, f"log_segmenter took {logged['seconds']:.1f} s"
 
@@ -192,8 +198,14 @@ def test_log_segmenter_refuses_missing_lineage_or_run(client):
 def test_load_champion_by_alias_and_predict(client, logged):
     name = _unique("covseg-load")
     v = _new_version(client, name, logged)
-    out = promotion.promote(client, name, _candidate(v, logged["scores"]), score_champion=scores_on_eval_set,
-                            margin=0.0, floors={})
+    out = promotion.promote(
+        client,
+        name,
+        _candidate(v, logged["scores"]),
+        score_champion=scores_on_eval_set,
+        margin=0.0,
+        floors={},
+    )
     assert out["decision"] == CHAMPION
     x, _ = _eval_set()
     pred = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}").predict(x)
@@ -212,13 +224,25 @@ def test_promote_no_champion_yet(client, logged):
     name = _unique("covseg-first")
     v1, v2 = _new_version(client, name, logged), _new_version(client, name, logged)
     # Fails a floor: even with no champion it only becomes challenger.
-    out = promotion.promote(client, name, _candidate(v1, logged["scores"], sensitivity=0.1),
-                            score_champion=None, margin=0.01, floors={"dice": 0.0, "sensitivity": 0.5})
+    out = promotion.promote(
+        client,
+        name,
+        _candidate(v1, logged["scores"], sensitivity=0.1),
+        score_champion=None,
+        margin=0.01,
+        floors={"dice": 0.0, "sensitivity": 0.5},
+    )
     assert out["decision"] == CHALLENGER and out["floor_failures"] == ["sensitivity=0.1000<0.5000"]
     assert _aliases(client, name) == {CHALLENGER: v1}
     # Passes the floors: takes champion.
-    out = promotion.promote(client, name, _candidate(v2, logged["scores"], sensitivity=0.8),
-                            score_champion=scores_on_eval_set, margin=0.01, floors={"dice": 0.0})
+    out = promotion.promote(
+        client,
+        name,
+        _candidate(v2, logged["scores"], sensitivity=0.8),
+        score_champion=scores_on_eval_set,
+        margin=0.01,
+        floors={"dice": 0.0},
+    )
     assert out["decision"] == CHAMPION and out["champion_version_before"] is None and out["evidence"] is None
     assert _aliases(client, name) == {CHAMPION: v2, CHALLENGER: v1}
     tags = _tags(client, name, v2)
@@ -232,7 +256,9 @@ def test_promote_no_champion_yet(client, logged):
 def test_promote_challenger_wins(client, logged):
     name = _unique("covseg-wins")
     v1, v2 = _new_version(client, name, logged), _new_version(client, name, logged)
-    promotion.promote(client, name, _candidate(v1, logged["scores"]), score_champion=None, margin=0.0, floors={})
+    promotion.promote(
+        client, name, _candidate(v1, logged["scores"]), score_champion=None, margin=0.0, floors={}
+    )
     # The champion is re-scored slice by slice through the score function (model loaded from S3 by version).
     seen: list[str] = []
 
@@ -241,8 +267,9 @@ def test_promote_challenger_wins(client, logged):
         return scores_on_eval_set(uri)
 
     better = tuple(min(1.0, x + 0.2) for x in logged["scores"])
-    out = promotion.promote(client, name, _candidate(v2, better), score_champion=score_fn, margin=0.02,
-                            floors={"dice": 0.0})
+    out = promotion.promote(
+        client, name, _candidate(v2, better), score_champion=score_fn, margin=0.02, floors={"dice": 0.0}
+    )
     assert seen == [f"models:/{name}/{v1}"]
     assert out["decision"] == CHAMPION and out["displaced_version"] == v1
     assert math.isclose(out["champion_dice"], np.mean(logged["scores"]))
@@ -259,10 +286,13 @@ def test_promote_challenger_wins(client, logged):
 def test_promote_champion_holds_against_a_gain_below_the_margin(client, logged):
     name = _unique("covseg-holds")
     v1, v2 = _new_version(client, name, logged), _new_version(client, name, logged)
-    promotion.promote(client, name, _candidate(v1, logged["scores"]), score_champion=None, margin=0.0, floors={})
+    promotion.promote(
+        client, name, _candidate(v1, logged["scores"]), score_champion=None, margin=0.0, floors={}
+    )
     slightly = tuple(x + 0.01 for x in logged["scores"])  # better on every slice, but by less than the margin
-    out = promotion.promote(client, name, _candidate(v2, slightly), score_champion=scores_on_eval_set,
-                            margin=0.02, floors={})
+    out = promotion.promote(
+        client, name, _candidate(v2, slightly), score_champion=scores_on_eval_set, margin=0.02, floors={}
+    )
     assert out["decision"] == CHALLENGER and "does not clear margin 0.0200" in out["reason"]
     assert out["evidence"]["low"] == pytest.approx(0.01) == out["evidence"]["high"]
     assert _aliases(client, name) == {CHAMPION: v1, CHALLENGER: v2}
@@ -272,8 +302,14 @@ def test_promote_champion_holds_against_a_gain_below_the_margin(client, logged):
     assert registry.TAG_DISPLACED_BY not in _tags(client, name, v1)
     # Without a score function the champion cannot be compared slice by slice: it holds.
     v3 = _new_version(client, name, logged)
-    out = promotion.promote(client, name, _candidate(v3, tuple(x + 0.5 for x in logged["scores"])),
-                            score_champion=None, margin=0.0, floors={})
+    out = promotion.promote(
+        client,
+        name,
+        _candidate(v3, tuple(x + 0.5 for x in logged["scores"])),
+        score_champion=None,
+        margin=0.0,
+        floors={},
+    )
     assert out["decision"] == CHALLENGER and "not scored on these slices" in out["reason"]
 
 
@@ -298,9 +334,13 @@ def test_concurrent_promotions_end_with_one_champion_the_better(client, logged, 
         try:
             # Slow champion evaluation widens the window between reading the alias and setting it.
             results[version] = promotion.promote(
-                client, name, _candidate(version, scores[version]),
+                client,
+                name,
+                _candidate(version, scores[version]),
                 score_champion=lambda uri: (time.sleep(0.3), scores[uri.rsplit("/", 1)[-1]])[1],
-                margin=0.01, floors={"dice": 0.5})
+                margin=0.01,
+                floors={"dice": 0.5},
+            )
         except BaseException as exc:  # surfaced by the assertion below
             results[version] = exc
 
@@ -359,7 +399,9 @@ def eval_ingest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     require_shared()
     root = tmp_path_factory.mktemp("eval-ingest")
     build_medseg(root / "data", sorted(p.stem for p in (MEDSEG / "masks").glob("*.png"))[:N_EVAL_SLICES])
-    stages.ingest(root / "data", root / "ingest", tiny_params(sources={"medseg-100": default_sources()["medseg-100"]}))
+    stages.ingest(
+        root / "data", root / "ingest", tiny_params(sources={"medseg-100": default_sources()["medseg-100"]})
+    )
     return root / "ingest"
 
 
@@ -393,15 +435,22 @@ def _register_stage(segment_dir: Path, ingest_dir: Path, params: dict[str, Any],
 
 
 @pytest.fixture(scope="module")
-def promotion_sequence(client: mlflow.MlflowClient, trained_tiny: Any, eval_ingest: Path,
-                       blind_segment: Path) -> dict[str, Any]:
+def promotion_sequence(
+    client: mlflow.MlflowClient, trained_tiny: Any, eval_ingest: Path, blind_segment: Path
+) -> dict[str, Any]:
     """Four versions through the register stage, in this order: the blind model (the first: champion), the
     trained one (clearly better), the blind one again (clearly worse), the trained one again (the same)."""
     name = _unique("covseg-stage")
     trained = trained_tiny.stage("segment")
-    steps = {step: _register_stage(segment, eval_ingest, trained_tiny.params, name)
-             for step, segment in (("first", blind_segment), ("better", trained), ("worse", blind_segment),
-                                   ("same", trained))}
+    steps = {
+        step: _register_stage(segment, eval_ingest, trained_tiny.params, name)
+        for step, segment in (
+            ("first", blind_segment),
+            ("better", trained),
+            ("worse", blind_segment),
+            ("same", trained),
+        )
+    }
     return {"name": name, "steps": steps, "aliases": _aliases(client, name)}
 
 
@@ -425,11 +474,17 @@ def test_register_stage_promotes_by_paired_evidence(client, promotion_sequence, 
     assert worse["decision"] == CHALLENGER and worse["evidence"]["high"] < 0
     assert worse["evidence"]["difference"] == pytest.approx(-better["evidence"]["difference"])
     assert same["decision"] == CHALLENGER
-    assert (same["evidence"]["difference"], same["evidence"]["low"], same["evidence"]["high"]) == (0.0, 0.0, 0.0)
+    assert (same["evidence"]["difference"], same["evidence"]["low"], same["evidence"]["high"]) == (
+        0.0,
+        0.0,
+        0.0,
+    )
     assert promotion_sequence["aliases"] == {CHAMPION: better["version"], CHALLENGER: same["version"]}
     tags = _tags(client, name, better["version"])
     assert float(tags[registry.TAG_DIFFERENCE_LOW]) == pytest.approx(better["evidence"]["low"])
-    assert float(tags[registry.TAG_MARGIN]) == margin and tags[registry.TAG_PAIRED_SLICES] == str(N_EVAL_SLICES)
+    assert float(tags[registry.TAG_MARGIN]) == margin and tags[registry.TAG_PAIRED_SLICES] == str(
+        N_EVAL_SLICES
+    )
     assert "lower bound clears margin" in tags[registry.TAG_REASON]
 
 
@@ -444,8 +499,17 @@ def cli_mask(trained_tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> tup
     root = tmp_path_factory.mktemp("cli-predict")
     jpeg = copy_file(MEDSEG / "images" / f"{MEDSEG_STEM}.jpg", root / f"{MEDSEG_STEM}.jpg")
     out = root / "out"
-    done = invoke_cli(make_project(root / "project"), "predict", str(jpeg), "--model",
-                      str(trained_tiny.stage("segment")), "--out", str(out), "--rotate", str(MEDSEG_ROTATE))
+    done = invoke_cli(
+        make_project(root / "project"),
+        "predict",
+        str(jpeg),
+        "--model",
+        str(trained_tiny.stage("segment")),
+        "--out",
+        str(out),
+        "--rotate",
+        str(MEDSEG_ROTATE),
+    )
     assert done.exit_code == 0, done.stderr
     view = np.ascontiguousarray(np.rot90(read_slice(jpeg), MEDSEG_ROTATE)).astype(np.float32)
     mask = np.rot90(np.asarray(Image.open(out / "lesion_mask.png")) > 0, MEDSEG_ROTATE)
@@ -454,7 +518,8 @@ def cli_mask(trained_tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> tup
 
 
 def test_registered_model_holds_no_pickle_and_loads_without_unpickling(
-        client, registered_segmenter, cli_mask, tmp_path, monkeypatch):
+    client, registered_segmenter, cli_mask, tmp_path, monkeypatch
+):
     from helpers import is_pickle, unpickled_globals
     from mlflow.models import Model
 
@@ -486,20 +551,42 @@ def test_mlflow_models_serve_gives_the_cli_mask(client, registered_segmenter, cl
 
     import servers
 
-    env = {**os.environ, **servers.SERVER_ENV, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # the server runs the venv's uvicorn
+    env = {
+        **os.environ,
+        **servers.SERVER_ENV,
+        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }  # the server runs the venv's uvicorn
     server, port = servers.start_on_free_port(
         "mlflow models serve",
-        lambda port: [str(BIN / "mlflow"), "models", "serve", "-m", registered_segmenter["uri"],
-                      "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        tmp_path / "serve.log", env, probe=lambda port: servers.http_answers(f"http://127.0.0.1:{port}/ping", b""),
+        lambda port: [
+            str(BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            registered_segmenter["uri"],
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            "1",
+        ],
+        tmp_path / "serve.log",
+        env,
+        probe=lambda port: servers.http_answers(f"http://127.0.0.1:{port}/ping", b""),
         ready_timeout_s=180,  # downloads and loads the model first (over a minute on a busy 2-core machine)
     )
     view, mask = cli_mask
     try:
         request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations", method="POST", headers={"Content-Type": "application/json"},
-            data=json.dumps({"inputs": view[None].tolist(), "params": {"domain": "8bit"}}).encode())
+            f"http://127.0.0.1:{port}/invocations",
+            method="POST",
+            headers={"Content-Type": "application/json"},
+            data=json.dumps({"inputs": view[None].tolist(), "params": {"domain": "8bit"}}).encode(),
+        )
         with urllib.request.urlopen(request, timeout=120) as response:
             served = np.asarray(json.loads(response.read())["predictions"])
     finally:
@@ -508,7 +595,9 @@ def test_mlflow_models_serve_gives_the_cli_mask(client, registered_segmenter, cl
     np.testing.assert_array_equal(served[0].astype(bool), mask)
 
 
-def test_legacy_pickled_version_is_scored_from_its_weights_alone(client, experiment_id, trained_tiny, cli_mask):
+def test_legacy_pickled_version_is_scored_from_its_weights_alone(
+    client, experiment_id, trained_tiny, cli_mask
+):
     """A version logged the old way (a CloudPickle of the PythonModel) still loads for scoring and audit,
     from its weight files: the pickle is never loaded (MLflow's own loader, as a control, does load it)."""
     from helpers import unpickled_globals
@@ -520,9 +609,15 @@ def test_legacy_pickled_version_is_scored_from_its_weights_alone(client, experim
     name = _unique("covseg-legacy")
     with mlflow.start_run(experiment_id=experiment_id):
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=serving.CovsegModel(), signature=serving.signature(), pip_requirements=PIP,
-            artifacts={serving.SEGMENTER_PT: str(segment / "segmenter.pt"),
-                       serving.SEGMENTER_META: str(segment / "segmenter.json")})
+            name="model",
+            python_model=serving.CovsegModel(),
+            signature=serving.signature(),
+            pip_requirements=PIP,
+            artifacts={
+                serving.SEGMENTER_PT: str(segment / "segmenter.pt"),
+                serving.SEGMENTER_META: str(segment / "segmenter.json"),
+            },
+        )
     uri = f"models:/{name}/{mlflow.register_model(info.model_uri, name, tags=LINEAGE).version}"
     assert serving.storage_format(Model.load(uri).flavors["python_function"]) == "pickle"
     view, mask = cli_mask
@@ -540,8 +635,11 @@ def test_a_model_that_is_not_a_segmenter_is_refused_in_one_line(client, experime
     from covseg.io import InputError
 
     with mlflow.start_run(experiment_id=experiment_id):
-        info = mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("echo_model_code.py")),
-                                       pip_requirements=PIP)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(Path(__file__).with_name("echo_model_code.py")),
+            pip_requirements=PIP,
+        )
     with pytest.raises(InputError, match="not a covseg segmenter model") as refused:
         serving.load_registered_segmenter(info.model_uri)
     assert str(refused.value).startswith(info.model_uri) and "\n" not in str(refused.value)
@@ -589,10 +687,15 @@ def test_postgres_store_holds_the_registry_and_db_upgrade_migrates(mlflow_server
     query(dsn, "CREATE DATABASE upgrade_check")
     upgraded = subprocess.run(
         [str(BIN / "mlflow"), "db", "upgrade", _other_database(postgres_server.dsn, "upgrade_check")],
-        capture_output=True, text=True, timeout=300, check=False)
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert upgraded.returncode == 0, upgraded.stderr[-2000:]
     assert query(_other_database(dsn, "upgrade_check"), "SELECT version_num FROM alembic_version") == [
-        (_alembic_head(),)]
+        (_alembic_head(),)
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -613,14 +716,35 @@ def _shifted(by: float) -> tuple[float, ...]:
         (Candidate("1", 0.5), None, 0.01, {"dice": 0.3}, CHAMPION, "no champion yet"),
         (Candidate("1", 0.2), None, 0.01, {"dice": 0.3}, CHALLENGER, "dice=0.2000<0.3000"),
         (_candidate("2", _shifted(0.1)), Champion("1", 0.65, SLICES), 0.05, {}, CHAMPION, "clears margin"),
-        (_candidate("2", _shifted(0.04)), Champion("1", 0.65, SLICES), 0.05, {}, CHALLENGER, "does not clear"),
-        (_candidate("2", _shifted(0.05)), Champion("1", 0.65, SLICES), 0.05, {}, CHALLENGER, "does not clear"),
+        (
+            _candidate("2", _shifted(0.04)),
+            Champion("1", 0.65, SLICES),
+            0.05,
+            {},
+            CHALLENGER,
+            "does not clear",
+        ),
+        (
+            _candidate("2", _shifted(0.05)),
+            Champion("1", 0.65, SLICES),
+            0.05,
+            {},
+            CHALLENGER,
+            "does not clear",
+        ),
         (_candidate("2", SLICES), Champion("1", 0.65, SLICES), 0.0, {}, CHALLENGER, "does not clear"),  # same
         (_candidate("2", _shifted(-0.1)), Champion("1", 0.65, SLICES), 0.0, {}, CHALLENGER, "does not clear"),
         (_candidate("2", SLICES, ppv=0.1), Champion("1", 0.5, SLICES), 0.0, {"ppv": 0.2}, CHALLENGER, "ppv="),
         (_candidate("2", SLICES), Champion("1", 0.5, SLICES), 0.0, {"ppv": 0.2}, CHALLENGER, "ppv missing"),
         (Candidate("2", float("nan")), None, 0.0, {}, CHALLENGER, "not a finite"),
-        (_candidate("2", _shifted(0.3)), Champion("1", 0.6), 0.0, {}, CHALLENGER, "not scored on these slices"),
+        (
+            _candidate("2", _shifted(0.3)),
+            Champion("1", 0.6),
+            0.0,
+            {},
+            CHALLENGER,
+            "not scored on these slices",
+        ),
         (Candidate("1", 0.1), Champion("1", 0.1, SLICES), 0.5, {}, CHAMPION, "already holds"),
     ],
 )
@@ -670,16 +794,29 @@ def test_the_quick_segmenter_retrained_with_another_seed_is_never_promoted():
     from covseg.config import load_params
 
     cfg = load_params("quick", path=REPO_ROOT / "params.yaml")["register"]
-    seeds = {seed: tuple(scores) for seed, scores in json.loads(SEEDS_FIXTURE.read_text())["per_slice_dice"].items()}
+    seeds = {
+        seed: tuple(scores)
+        for seed, scores in json.loads(SEEDS_FIXTURE.read_text())["per_slice_dice"].items()
+    }
     assert len(seeds) == 3 and len({len(s) for s in seeds.values()}) == 1
 
     def by_rule(margin: float) -> list[str]:
-        return [decide(_candidate(cand, seeds[cand]), Champion(champ, float(np.mean(seeds[champ])), seeds[champ]),
-                       margin, {}, cfg["confidence"]).alias for champ, cand in itertools.permutations(seeds, 2)]
+        return [
+            decide(
+                _candidate(cand, seeds[cand]),
+                Champion(champ, float(np.mean(seeds[champ])), seeds[champ]),
+                margin,
+                {},
+                cfg["confidence"],
+            ).alias
+            for champ, cand in itertools.permutations(seeds, 2)
+        ]
 
     assert by_rule(cfg["margin"]) == [CHALLENGER] * 6
     assert CHAMPION in by_rule(0.0)  # the interval alone does not absorb seed noise: the margin does
-    old_rule = [np.mean(seeds[cand]) > np.mean(seeds[champ]) for champ, cand in itertools.permutations(seeds, 2)]
+    old_rule = [
+        np.mean(seeds[cand]) > np.mean(seeds[champ]) for champ, cand in itertools.permutations(seeds, 2)
+    ]
     assert sum(old_rule) == 3
 
 
@@ -714,7 +851,5 @@ def test_with_retries_backs_off_on_connection_errors_only():
 
     sleeps.clear()
     with pytest.raises(ConnectionRefusedError):
-        retry.with_retries(
-            down, what="t", attempts=3, base_delay_s=1, max_delay_s=1.5, sleep=sleeps.append
-        )
+        retry.with_retries(down, what="t", attempts=3, base_delay_s=1, max_delay_s=1.5, sleep=sleeps.append)
     assert len(sleeps) == 2 and max(sleeps) <= 1.5

@@ -59,7 +59,9 @@ def test_killed_training_resumes_from_its_checkpoint(trained_tiny: Any, tmp_path
         try:
             deadline = time.monotonic() + 180
             while not list(checkpoints.glob("classifier-*.ckpt")):
-                assert first.poll() is None, f"exited {first.returncode}: {first_err.read_text(errors='replace')}"
+                assert first.poll() is None, (
+                    f"exited {first.returncode}: {first_err.read_text(errors='replace')}"
+                )
                 assert time.monotonic() < deadline, "no checkpoint after 180 s"
                 time.sleep(0.01)
             os.kill(first.pid, signal.SIGKILL)
@@ -74,15 +76,25 @@ def test_killed_training_resumes_from_its_checkpoint(trained_tiny: Any, tmp_path
     [scratch] = [p.name for p in artifacts.iterdir() if p.name not in ("lungs", "checkpoints")]
     assert scratch.startswith(".classify.tmp-"), scratch  # hidden, never read; only the rename publishes
 
-    second = subprocess.run(command, cwd=project, env=env, capture_output=True, encoding="utf-8",
-                            errors="replace", timeout=300, check=False)
+    second = subprocess.run(
+        command,
+        cwd=project,
+        env=env,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=300,
+        check=False,
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     counts = [(int(m[1]), int(m[2])) for m in BAR.finditer(second.stderr)]
-    assert counts and counts[0] == (len(done), EPOCHS), f"rerun did not start at epoch {len(done)}: {counts[:3]}"
+    assert counts and counts[0] == (len(done), EPOCHS), (
+        f"rerun did not start at epoch {len(done)}: {counts[:3]}"
+    )
     assert min(c for c, _ in counts) == len(done) and counts[-1] == (EPOCHS, EPOCHS)
     history = json.loads((artifacts / "classify" / "metrics.json").read_text(encoding="utf-8"))["history"]
     assert [h["epoch"] for h in history] == list(range(EPOCHS))
-    assert history[:len(done)] == done, "the finished epochs must come from the checkpoint"
+    assert history[: len(done)] == done, "the finished epochs must come from the checkpoint"
     assert list(checkpoints.iterdir()) == [], "checkpoints must be removed once training completes"
     left = sorted(p.name for p in artifacts.iterdir() if p.name.startswith("."))
     assert left == [], f"the killed run's scratch folder must be swept by the rerun: {left}"
@@ -90,7 +102,9 @@ def test_killed_training_resumes_from_its_checkpoint(trained_tiny: Any, tmp_path
 
 def set_dvc_remote(repo: Path, url: str, endpoint: str) -> None:
     """What `dvc remote add -d store URL` and `dvc remote modify --local store endpointurl E` write."""
-    (repo / ".dvc" / "config").write_text(f"[core]\n    remote = store\n['remote \"store\"']\n    url = {url}\n")
+    (repo / ".dvc" / "config").write_text(
+        f"[core]\n    remote = store\n['remote \"store\"']\n    url = {url}\n"
+    )
     (repo / ".dvc" / "config.local").write_text(f"['remote \"store\"']\n    endpointurl = {endpoint}\n")
 
 
@@ -118,13 +132,17 @@ def test_checkpoint_resumes_only_when_nothing_upstream_changed(tmp_path: Path) -
     downloaded = tmp_path / "again" / "classify"
     downloaded.mkdir(parents=True)
     (downloaded / "classifier.pt").write_bytes(b"weights")  # same bytes, a new file (new mtime)
-    assert (downloaded / "classifier.pt").stat().st_mtime_ns != (upstream / "classifier.pt").stat().st_mtime_ns
+    assert (downloaded / "classifier.pt").stat().st_mtime_ns != (
+        upstream / "classifier.pt"
+    ).stat().st_mtime_ns
     assert checkpoint_path(tmp_path / "ckpt", "mil", params, [downloaded]) == name
     (upstream / "classifier.pt").write_bytes(b"weights of a retrained classifier")
     assert checkpoint_path(tmp_path / "ckpt", "mil", params, [upstream]) != name
 
 
-def test_dvc_push_with_s3_down_fails_bounded_then_succeeds_when_back(moto_server: Any, tmp_path: Path) -> None:
+def test_dvc_push_with_s3_down_fails_bounded_then_succeeds_when_back(
+    moto_server: Any, tmp_path: Path
+) -> None:
     """Endpoint refused: botocore's bounded retries, then one readable ERROR line and exit != 0."""
     require_shared()
     repo = _scratch_repo(tmp_path / "repo")
@@ -137,8 +155,16 @@ def test_dvc_push_with_s3_down_fails_bounded_then_succeeds_when_back(moto_server
     set_dvc_remote(repo, f"s3://{bucket}/dvcstore", f"http://127.0.0.1:{port}")
 
     start = time.monotonic()
-    down = subprocess.run([dvc, "push"], cwd=repo, env=dvc_env(), capture_output=True, encoding="utf-8",
-                          errors="replace", timeout=120, check=False)
+    down = subprocess.run(
+        [dvc, "push"],
+        cwd=repo,
+        env=dvc_env(),
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=120,
+        check=False,
+    )
     seconds = time.monotonic() - start
     assert down.returncode != 0
     assert seconds < 60, f"dvc push took {seconds:.0f} s against a closed port"
@@ -185,8 +211,10 @@ def test_durable_checkpoints_in_a_folder_keep_a_failed_stage_and_sweep_a_finishe
             raise RuntimeError("killed")
     except RuntimeError:
         pass
-    assert sorted(p.name for p in (root / "mil").iterdir()) == ["mil-0000000000000000.ckpt",
-                                                                 "mil-2222222222222222.ckpt"]
+    assert sorted(p.name for p in (root / "mil").iterdir()) == [
+        "mil-0000000000000000.ckpt",
+        "mil-2222222222222222.ckpt",
+    ]
     with durable_checkpoints(str(root), "mil") as folder:
         (folder / "mil-2222222222222222.ckpt").unlink()  # what fit does when training completes
     assert list((root / "mil").iterdir()) == [], "a finished stage sweeps the old keys"
@@ -211,8 +239,10 @@ def test_durable_checkpoints_on_s3_mirror_each_epoch_and_survive_the_task(moto_s
 
     def remote(stage: str) -> dict[str, bytes]:
         listing = s3.list_objects_v2(Bucket=bucket, Prefix=f"root/{stage}/").get("Contents", [])
-        return {o["Key"].rsplit("/", 1)[1]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
-                for o in listing}
+        return {
+            o["Key"].rsplit("/", 1)[1]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+            for o in listing
+        }
 
     def wait_for(stage: str, name: str, body: bytes) -> None:
         deadline = time.monotonic() + 20
@@ -245,10 +275,16 @@ def test_durable_checkpoints_out_of_reach_warn_once_and_train_on(caplog: pytest.
     from covseg.checkpoint_store import durable_checkpoints
 
     start = time.monotonic()
-    with caplog.at_level("WARNING", logger="covseg.checkpoint_store"), \
-            durable_checkpoints("s3://covseg-nowhere/root", "segment", f"http://127.0.0.1:{_closed_port()}") as folder:
+    with (
+        caplog.at_level("WARNING", logger="covseg.checkpoint_store"),
+        durable_checkpoints(
+            "s3://covseg-nowhere/root", "segment", f"http://127.0.0.1:{_closed_port()}"
+        ) as folder,
+    ):
         (folder / "segmenter-4444444444444444.ckpt").write_bytes(b"epoch 1")
     assert time.monotonic() - start < 30, "bounded: a short connect timeout and few retries"
     [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert warning.startswith("s3://covseg-nowhere/root/segment is out of reach (Could not connect to the endpoint")
+    assert warning.startswith(
+        "s3://covseg-nowhere/root/segment is out of reach (Could not connect to the endpoint"
+    )
     assert warning.endswith("): this task's checkpoints will not outlive it") and "\n" not in warning

@@ -41,9 +41,13 @@ def _torchrun(n: int) -> list[str]:
 
 
 def _run(cmd: list[str], cwd: Path, ok: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout, check=False)
+    result = subprocess.run(
+        cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout, check=False
+    )
     if ok:
-        assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        assert result.returncode == 0, (
+            f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return result
 
 
@@ -111,8 +115,9 @@ def _lung_view_probabilities(artifacts: Path, params: dict[str, Any]) -> np.ndar
     return lung_probabilities(model, slices, slices.index["row"].to_numpy())
 
 
-def test_classify_stage_under_torchrun_matches_one_process(tiny_lungs: tuple[Path, Path, Path],
-                                                           tmp_path: Path) -> None:
+def test_classify_stage_under_torchrun_matches_one_process(
+    tiny_lungs: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
     import shutil
 
     artifacts, data, params_file = tiny_lungs
@@ -120,8 +125,20 @@ def test_classify_stage_under_torchrun_matches_one_process(tiny_lungs: tuple[Pat
     for name, launcher in (("one", [sys.executable]), ("two", _torchrun(2))):
         folder = tmp_path / name
         shutil.copytree(artifacts, folder)
-        _run([*launcher, "-m", "covseg.launch", "classify", str(folder), str(data), str(params_file),
-              "--result", str(tmp_path / f"{name}.json")], tmp_path)
+        _run(
+            [
+                *launcher,
+                "-m",
+                "covseg.launch",
+                "classify",
+                str(folder),
+                str(data),
+                str(params_file),
+                "--result",
+                str(tmp_path / f"{name}.json"),
+            ],
+            tmp_path,
+        )
         runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
         assert (folder / "classify" / "classifier.pt").is_file()
         assert not list((folder / "checkpoints").glob("*.ckpt"))
@@ -130,8 +147,10 @@ def test_classify_stage_under_torchrun_matches_one_process(tiny_lungs: tuple[Pat
     assert len(one) == len(two) == params["classify"]["epochs"]
     assert np.abs(np.array(one) - np.array(two)).max() < LOSS_TOL, (one, two)
     assert two[-1] < two[0]  # it learned
-    gap = np.abs(_lung_view_probabilities(tmp_path / "one", params)
-                 - _lung_view_probabilities(tmp_path / "two", params)).max()
+    gap = np.abs(
+        _lung_view_probabilities(tmp_path / "one", params)
+        - _lung_view_probabilities(tmp_path / "two", params)
+    ).max()
     assert gap < PROBA_TOL
     assert runs["one"]["n_train"] == runs["two"]["n_train"]
 
@@ -174,7 +193,9 @@ def test_shards_round_trip_local(tiny_lungs: tuple[Path, Path, Path], tmp_path: 
     # the bytes are a function of the data alone (no timestamps): DVC sees no change when nothing changed
     again = write_shards(artifacts / "lungs", tmp_path / "again", slices_per_shard=5, replicate=2)
     for shard in again["shards"]:
-        assert (tmp_path / "again" / shard["name"]).read_bytes() == (tmp_path / "shards" / shard["name"]).read_bytes()
+        assert (tmp_path / "again" / shard["name"]).read_bytes() == (
+            tmp_path / "shards" / shard["name"]
+        ).read_bytes()
 
 
 def test_shards_stream_from_s3(tiny_lungs: tuple[Path, Path, Path], tmp_path: Path, moto_server: Any) -> None:
@@ -191,8 +212,9 @@ def test_shards_stream_from_s3(tiny_lungs: tuple[Path, Path, Path], tmp_path: Pa
     _check_round_trip(source, artifacts, replicate=1)
 
 
-def test_balanced_batches_split_the_same_draw_across_ranks(tiny_lungs: tuple[Path, Path, Path],
-                                                          tmp_path: Path) -> None:
+def test_balanced_batches_split_the_same_draw_across_ranks(
+    tiny_lungs: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
     from covseg.shards import LocalSource, balanced_batches, draw_counts, rank_shards, write_shards
 
     manifest = write_shards(tiny_lungs[0] / "lungs", tmp_path / "shards", slices_per_shard=3, replicate=4)
@@ -201,8 +223,15 @@ def test_balanced_batches_split_the_same_draw_across_ranks(tiny_lungs: tuple[Pat
     weights = np.where(index["label"].to_numpy() == 1, 1.0, 3.0)
     counts = draw_counts(weights, 200, np.random.default_rng(7))
     assert counts.sum() == 200
-    runs = [[b for b in balanced_batches(source, manifest, counts, 8, np.random.default_rng(k), k, 2,
-                                         buffer_size=16)] for k in range(2)]
+    runs = [
+        [
+            b
+            for b in balanced_batches(
+                source, manifest, counts, 8, np.random.default_rng(k), k, 2, buffer_size=16
+            )
+        ]
+        for k in range(2)
+    ]
     assert len(runs[0]) == len(runs[1]) > 0  # same number of steps on every rank
     for k, batches_ in enumerate(runs):
         own = {r for shard in rank_shards(manifest, k, 2) for r in shard["rows"]}
@@ -211,8 +240,10 @@ def test_balanced_batches_split_the_same_draw_across_ranks(tiny_lungs: tuple[Pat
         drawn = np.bincount(rows, minlength=len(counts))
         assert (drawn <= counts).all()  # never a row more often than the draw says
     # every rank takes as many full batches as the rank with fewer draws can fill; nothing else is dropped
-    per_rank = [int(counts[[r for shard in rank_shards(manifest, k, 2) for r in shard["rows"]]].sum())
-                for k in range(2)]
+    per_rank = [
+        int(counts[[r for shard in rank_shards(manifest, k, 2) for r in shard["rows"]]].sum())
+        for k in range(2)
+    ]
     assert len(runs[0]) == min(per_rank) // 8
 
 
@@ -222,8 +253,9 @@ def _losses(stage: str, result: dict[str, Any]) -> list[float]:
     return [h["loss"] for h in result["history"]]
 
 
-def test_mil_segment_refine_under_torchrun_match_one_process(tiny_lungs: tuple[Path, Path, Path],
-                                                             tmp_path: Path) -> None:
+def test_mil_segment_refine_under_torchrun_match_one_process(
+    tiny_lungs: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
     """Every later training stage under torchrun, each from the same (one-process) inputs: the loss history
     within LOSS_TOL of one process (measured 2026-12-02: MIL 0.041, segment 0.014, refine 0.010), outputs
     written by rank 0 only."""
@@ -244,18 +276,33 @@ def test_mil_segment_refine_under_torchrun_match_one_process(tiny_lungs: tuple[P
             folder = tmp_path / f"{name}-{run}"
             shutil.copytree(base, folder)
             out = tmp_path / f"{name}-{run}.json"
-            _run([*launcher, "-m", "covseg.launch", name, str(folder), str(data), str(params_file),
-                  "--result", str(out)], tmp_path)
+            _run(
+                [
+                    *launcher,
+                    "-m",
+                    "covseg.launch",
+                    name,
+                    str(folder),
+                    str(data),
+                    str(params_file),
+                    "--result",
+                    str(out),
+                ],
+                tmp_path,
+            )
             results[run] = json.loads(out.read_text())
-            assert (folder / stage(name).output).is_dir() and not list((folder / "checkpoints").glob("*.ckpt"))
+            assert (folder / stage(name).output).is_dir() and not list(
+                (folder / "checkpoints").glob("*.ckpt")
+            )
         one, two = _losses(name, results["one"]), _losses(name, results["two"])
         assert len(one) == len(two) > 0, name
         assert np.abs(np.array(one) - np.array(two)).max() < LOSS_TOL, (name, one, two)
         shutil.copytree(tmp_path / f"{name}-one" / stage(name).output, base / stage(name).output)
 
 
-def test_ranks_train_from_their_own_shards_with_averaged_gradients(tiny_lungs: tuple[Path, Path, Path],
-                                                                   tmp_path: Path) -> None:
+def test_ranks_train_from_their_own_shards_with_averaged_gradients(
+    tiny_lungs: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
     """torchrun, 2 ranks, each streaming its own shards: disjoint reads, one model on both ranks, and that
     model is what one process gets from the union of the ranks' batches (the all-reduce averages)."""
     from covseg.shards import write_shards
@@ -270,14 +317,23 @@ def test_ranks_train_from_their_own_shards_with_averaged_gradients(tiny_lungs: t
         assert {r for step in run["steps"] for r in step} <= set(run["own_rows"])
     assert len(ranks[0]["steps"]) == len(ranks[1]["steps"])
     assert np.abs(_flat(ranks[0]) - _flat(ranks[1])).max() == 0.0
-    _run([sys.executable, str(worker), str(tmp_path / "shards"), str(tmp_path / "replay.json"),
-          *(f"{tmp_path / 'two'}.rank{k}" for k in range(2))], tmp_path)
+    _run(
+        [
+            sys.executable,
+            str(worker),
+            str(tmp_path / "shards"),
+            str(tmp_path / "replay.json"),
+            *(f"{tmp_path / 'two'}.rank{k}" for k in range(2)),
+        ],
+        tmp_path,
+    )
     replayed = json.loads((tmp_path / "replay.json").read_text())
     assert np.abs(_flat(replayed) - _flat(ranks[0])).max() < EXACT_TOL
 
 
 def test_stage_job_reads_inputs_from_s3_and_rank0_uploads_the_output(
-        tiny_lungs: tuple[Path, Path, Path], tmp_path: Path, moto_server: Any) -> None:
+    tiny_lungs: tuple[Path, Path, Path], tmp_path: Path, moto_server: Any
+) -> None:
     """What a PyTorchJob pod runs (`covseg.trainjob.torchrun_command`): inputs downloaded from S3 (moto on
     loopback), the stage trained on 2 ranks, the output uploaded by rank 0, checkpoints kept under an S3
     prefix while training and swept after."""
@@ -291,13 +347,30 @@ def test_stage_job_reads_inputs_from_s3_and_rank0_uploads_the_output(
     assert upload_folder(artifacts / "lungs", "s3://covseg-run/r1/lungs", moto_server.endpoint_url) == 2
     env = {**_env(), **FAKE_AWS_ENV}
     env.pop("AWS_ENDPOINT_URL", None)
-    cmd = [*_torchrun(2), "-m", "covseg.launch", "classify", str(tmp_path / "pod"), str(data),
-           params_file.read_text(), "--input", "lungs=s3://covseg-run/r1/lungs",
-           "--output-uri", "s3://covseg-run/r1/classify", "--checkpoint-root", "s3://covseg-run/ckpt",
-           "--s3-endpoint-url", moto_server.endpoint_url]
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    cmd = [
+        *_torchrun(2),
+        "-m",
+        "covseg.launch",
+        "classify",
+        str(tmp_path / "pod"),
+        str(data),
+        params_file.read_text(),
+        "--input",
+        "lungs=s3://covseg-run/r1/lungs",
+        "--output-uri",
+        "s3://covseg-run/r1/classify",
+        "--checkpoint-root",
+        "s3://covseg-run/ckpt",
+        "--s3-endpoint-url",
+        moto_server.endpoint_url,
+    ]
+    result = subprocess.run(
+        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     keys = {o["Key"] for o in client.list_objects_v2(Bucket="covseg-run").get("Contents", [])}
     assert {"r1/classify/classifier.pt", "r1/classify/classifier.json", "r1/classify/metrics.json"} <= keys
     assert not [k for k in keys if k.startswith("ckpt/")]  # swept once the stage finished
-    assert json.loads(client.get_object(Bucket="covseg-run", Key="r1/classify/metrics.json")["Body"].read())["history"]
+    assert json.loads(client.get_object(Bucket="covseg-run", Key="r1/classify/metrics.json")["Body"].read())[
+        "history"
+    ]

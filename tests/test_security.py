@@ -43,9 +43,19 @@ PYTHON_TREES = ("src", "components", "pipelines", "bench", "tools", "tests")
 # Unsafe deserialisation
 # ------------------------------------------------------------------------------------------------
 
-PICKLE_LOADERS = {"pickle.load", "pickle.loads", "cloudpickle.load", "cloudpickle.loads", "dill.load",
-                  "dill.loads", "joblib.load", "pd.read_pickle", "pandas.read_pickle", "yaml.unsafe_load",
-                  "yaml.full_load"}
+PICKLE_LOADERS = {
+    "pickle.load",
+    "pickle.loads",
+    "cloudpickle.load",
+    "cloudpickle.loads",
+    "dill.load",
+    "dill.loads",
+    "joblib.load",
+    "pd.read_pickle",
+    "pandas.read_pickle",
+    "yaml.unsafe_load",
+    "yaml.full_load",
+}
 
 
 def _dotted(node: ast.AST) -> str:
@@ -82,11 +92,19 @@ def unsafe_loads(source: str, filename: str) -> list[str]:
 
 
 def test_unsafe_load_scanner_finds_planted_calls() -> None:
-    planted = "\n".join([
-        "torch.load(p)", "torch.load(p, weights_only=False)", "torch.load(p, weights_only=True)",
-        "pickle.loads(b)", "np.load(p, allow_pickle=True)", "np.load(p)", "yaml.load(s)",
-        "yaml.load(s, Loader=yaml.SafeLoader)", "yaml.safe_load(s)",
-    ])
+    planted = "\n".join(
+        [
+            "torch.load(p)",
+            "torch.load(p, weights_only=False)",
+            "torch.load(p, weights_only=True)",
+            "pickle.loads(b)",
+            "np.load(p, allow_pickle=True)",
+            "np.load(p)",
+            "yaml.load(s)",
+            "yaml.load(s, Loader=yaml.SafeLoader)",
+            "yaml.safe_load(s)",
+        ]
+    )
     found = unsafe_loads(planted, "planted.py")
     assert [f.split(": ", 1)[0] for f in found] == [f"planted.py:{n}" for n in (1, 2, 4, 5, 7)], found
 
@@ -94,8 +112,9 @@ def test_unsafe_load_scanner_finds_planted_calls() -> None:
 def test_no_unsafe_deserialisation_in_the_source_tree() -> None:
     files = sorted(p for tree in PYTHON_TREES for p in (REPO_ROOT / tree).rglob("*.py"))
     assert any(p.name == "registry.py" for p in files)
-    problems = [f for p in files
-                for f in unsafe_loads(p.read_text(encoding="utf-8"), str(p.relative_to(REPO_ROOT)))]
+    problems = [
+        f for p in files for f in unsafe_loads(p.read_text(encoding="utf-8"), str(p.relative_to(REPO_ROOT)))
+    ]
     assert problems == [], "\n".join(problems)
 
 
@@ -103,15 +122,22 @@ def test_no_unsafe_deserialisation_in_the_source_tree() -> None:
 # Credentials in the repository
 # ------------------------------------------------------------------------------------------------
 
-SECRET_NAMES = r"aws_secret_access_key|secret_access_key|secret_key|password|passwd|api_key|access_token|auth_token"
+SECRET_NAMES = (
+    r"aws_secret_access_key|secret_access_key|secret_key|password|passwd|api_key|access_token|auth_token"
+)
 PATTERNS = {
     "AWS access key id": re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA|AGPA)[A-Z0-9]{16}\b"),
     "private key": re.compile(r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----"),
-    "quoted secret literal": re.compile(rf"(?i)\b(?:{SECRET_NAMES})\b[\"']?[ \t]*[:=][ \t]*[\"']([^\"'\s]+)[\"']"),
+    "quoted secret literal": re.compile(
+        rf"(?i)\b(?:{SECRET_NAMES})\b[\"']?[ \t]*[:=][ \t]*[\"']([^\"'\s]+)[\"']"
+    ),
     "env-style secret": re.compile(
-        rf"(?im)^[ \t]*(?:export[ \t]+|ENV[ \t]+)?[A-Z_]*(?:{SECRET_NAMES.upper()})[ \t]*=[ \t]*([^\s#\"']+)"),
+        rf"(?im)^[ \t]*(?:export[ \t]+|ENV[ \t]+)?[A-Z_]*(?:{SECRET_NAMES.upper()})[ \t]*=[ \t]*([^\s#\"']+)"
+    ),
     "credentials in a URL": re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s/:@'\"]+:([^\s/@'\"]+)@"),
-    "AWS secret-like value": re.compile(r"(?i)secret[^\n]{0,40}?[\"'=:\s]([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])"),
+    "AWS secret-like value": re.compile(
+        r"(?i)secret[^\n]{0,40}?[\"'=:\s]([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])"
+    ),
 }
 # The tests' fake credentials (moto accepts anything) and placeholders that stand for a value.
 FAKE_VALUES = {*FAKE_AWS_ENV.values(), FAKE_KEY, FAKE_SECRET}
@@ -131,26 +157,34 @@ def credential_findings(text: str, filename: str) -> list[str]:
 
 def _repository_files() -> list[Path]:
     """Tracked files plus new files git does not ignore (what the next commit could hold)."""
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
-                         capture_output=True, check=True).stdout.decode()
-    return [REPO_ROOT / name for name in sorted(set(out.split("\0"))) if name and (REPO_ROOT / name).is_file()]
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    return [
+        REPO_ROOT / name for name in sorted(set(out.split("\0"))) if name and (REPO_ROOT / name).is_file()
+    ]
 
 
 def test_credential_scanner_finds_planted_secrets() -> None:
     key_id = "AKIA" + "Q" * 16
     secret = "wJalrXUtnFEMI" + "K7MDENGbPxRfiCY" + "EXAMPLEKEY01"  # 40 characters, built at run time
-    planted = "\n".join([
-        f"aws_access_key_id = {key_id}",
-        f"AWS_SECRET_ACCESS_KEY={secret}",
-        'cfg = {"pass' + 'word": "hunter22"}',  # split so that this file holds no such literal
-        "dsn = 'postgresql://mlflow:" + "s3cr3t-pw@db:5432/mlflow'",
-        "-----BEGIN RSA " + "PRIVATE KEY-----",
-        # Fakes and placeholders: not findings.
-        f'"AWS_SECRET_ACCESS_KEY": "{FAKE_SECRET}"',
-        "AWS_SECRET_ACCESS_KEY=",
-        "url = postgresql+psycopg2://USER:PASSWORD@HOST:5432/mlflow",
-        '--from-literal=AWS_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY"',
-    ])
+    planted = "\n".join(
+        [
+            f"aws_access_key_id = {key_id}",
+            f"AWS_SECRET_ACCESS_KEY={secret}",
+            'cfg = {"pass' + 'word": "hunter22"}',  # split so that this file holds no such literal
+            "dsn = 'postgresql://mlflow:" + "s3cr3t-pw@db:5432/mlflow'",
+            "-----BEGIN RSA " + "PRIVATE KEY-----",
+            # Fakes and placeholders: not findings.
+            f'"AWS_SECRET_ACCESS_KEY": "{FAKE_SECRET}"',
+            "AWS_SECRET_ACCESS_KEY=",
+            "url = postgresql+psycopg2://USER:PASSWORD@HOST:5432/mlflow",
+            '--from-literal=AWS_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY"',
+        ]
+    )
     found = credential_findings(planted, "planted")
     lines = sorted({int(f.split(":")[1]) for f in found})
     assert lines == [1, 2, 3, 4, 5], found
@@ -159,13 +193,16 @@ def test_credential_scanner_finds_planted_secrets() -> None:
 def test_no_credentials_in_repository_files() -> None:
     files = _repository_files()
     assert {"params.yaml", ".dvc/config", "infra/secrets.example.env"} <= {
-        str(p.relative_to(REPO_ROOT)) for p in files}
+        str(p.relative_to(REPO_ROOT)) for p in files
+    }
     findings = []
     for path in files:
         raw = path.read_bytes()
         if b"\0" in raw[:8192] or len(raw) > 5_000_000:
             continue  # binary (images, DICOM) or large generated files
-        findings += credential_findings(raw.decode("utf-8", errors="replace"), str(path.relative_to(REPO_ROOT)))
+        findings += credential_findings(
+            raw.decode("utf-8", errors="replace"), str(path.relative_to(REPO_ROOT))
+        )
     assert findings == [], "\n".join(findings)
 
 
@@ -188,8 +225,16 @@ def test_dvc_push_logs_do_not_contain_the_secret(moto_server: Any, tmp_path: Pat
     _run(repo, dvc, "add", "-q", "data")
     bucket = moto_server.create_bucket(f"covseg-canary-{uuid.uuid4().hex[:8]}")
     set_dvc_remote(repo, f"{bucket}/dvcstore", moto_server.endpoint_url)
-    push = subprocess.run([dvc, "push", "-v"], cwd=repo, env={**dvc_env(), "AWS_SECRET_ACCESS_KEY": secret},
-                          capture_output=True, encoding="utf-8", errors="replace", timeout=120, check=False)
+    push = subprocess.run(
+        [dvc, "push", "-v"],
+        cwd=repo,
+        env={**dvc_env(), "AWS_SECRET_ACCESS_KEY": secret},
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=120,
+        check=False,
+    )
     assert push.returncode == 0, push.stderr[-3000:]
     assert re.search(r"^\d+ files? pushed$", push.stdout + push.stderr, re.M), push.stdout
     assert secret not in push.stdout + push.stderr
@@ -209,10 +254,15 @@ def restore_mlflow(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     mlflow.set_tracking_uri(before)
 
 
-def test_register_step_never_logs_the_secret(mlflow_server: str, trained_tiny: Any, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch, restore_mlflow: None,
-                                             capfd: pytest.CaptureFixture[str],
-                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_register_step_never_logs_the_secret(
+    mlflow_server: str,
+    trained_tiny: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    restore_mlflow: None,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """`covseg register` with a distinctive S3 secret in its environment, every logger at DEBUG."""
     secret, name = _canary(), f"covseg-security-{uuid.uuid4().hex[:8]}"
     project = make_project(tmp_path / "project")
@@ -231,8 +281,13 @@ def test_register_step_never_logs_the_secret(mlflow_server: str, trained_tiny: A
     assert result.exit_code == 0, result.stderr
     assert re.search(rf"^{name} v\d+: (champion|challenger) ", result.stdout, re.M), result.stdout
     captured = capfd.readouterr()
-    for where, text in {"stdout": result.stdout, "stderr": result.stderr, "fd out": captured.out,
-                        "fd err": captured.err, "logs": caplog.text}.items():
+    for where, text in {
+        "stdout": result.stdout,
+        "stderr": result.stderr,
+        "fd out": captured.out,
+        "fd err": captured.err,
+        "logs": caplog.text,
+    }.items():
         assert secret not in text, f"the S3 secret appears in {where}"
 
     client = mlflow.MlflowClient(mlflow_server)
@@ -265,7 +320,9 @@ def test_phi_override_is_off_by_default_and_refuses_identified_dicom(tmp_path: P
     refused = invoke_cli(project, "ingest", "--profile", "tiny")
     assert refused.exit_code == 2
     [line] = error_lines(refused.stderr)
-    assert line.startswith(f"error: {bad}: DICOM header carries patient identity (PatientName, PatientBirthDate)")
+    assert line.startswith(
+        f"error: {bad}: DICOM header carries patient identity (PatientName, PatientBirthDate)"
+    )
     assert not (project / "artifacts" / "ingest").exists()
 
     raw["common"]["phi"] = {"allow_identified": True}  # the documented, explicit override

@@ -30,8 +30,11 @@ def _strict(node: Any) -> Any:
     unknown fields (Kubernetes' strict field validation)."""
     if isinstance(node, dict):
         out = {k: _strict(v) for k, v in node.items()}
-        if ("properties" in out and "additionalProperties" not in out
-                and not out.get("x-kubernetes-preserve-unknown-fields")):
+        if (
+            "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
             out["additionalProperties"] = False
         return out
     if isinstance(node, list):
@@ -54,13 +57,23 @@ def _errors(validator: Any, manifest: dict[str, Any]) -> list[str]:
 
 
 def _manifest(**kw: Any) -> dict[str, Any]:
-    args: dict[str, Any] = {"name": "covseg-segment-1", "image": "ghcr.io/example/covseg:cuda",
-                            "command": trainjob.torchrun_command(
-                                "segment", "/tmp/artifacts", "/tmp/data", '{"seed": 1}',
-                                {"lungs": "s3://b/run/lungs", "mil": "s3://b/run/mil"}, "s3://b/run/segment",
-                                "s3://b/ckpt"),
-                            "num_nodes": 2, "gpus_per_node": 4, "service_account": "covseg-pipeline-runner",
-                            "env": {"COVSEG_TRACKING": "1"}}
+    args: dict[str, Any] = {
+        "name": "covseg-segment-1",
+        "image": "ghcr.io/example/covseg:cuda",
+        "command": trainjob.torchrun_command(
+            "segment",
+            "/tmp/artifacts",
+            "/tmp/data",
+            '{"seed": 1}',
+            {"lungs": "s3://b/run/lungs", "mil": "s3://b/run/mil"},
+            "s3://b/run/segment",
+            "s3://b/ckpt",
+        ),
+        "num_nodes": 2,
+        "gpus_per_node": 4,
+        "service_account": "covseg-pipeline-runner",
+        "env": {"COVSEG_TRACKING": "1"},
+    }
     return trainjob.pytorchjob_manifest(**{**args, **kw})
 
 
@@ -76,15 +89,25 @@ def test_manifest_validates_against_the_operator_crd(validator: Any, nodes: int,
     pod = replicas["Master"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["name"] == "pytorch" and container["command"][:3] == ["torchrun", "-m", "covseg.launch"]
-    assert container["command"][-8:] == ["--input", "lungs=s3://b/run/lungs", "--input", "mil=s3://b/run/mil",
-                                         "--output-uri", "s3://b/run/segment", "--checkpoint-root", "s3://b/ckpt"]
+    assert container["command"][-8:] == [
+        "--input",
+        "lungs=s3://b/run/lungs",
+        "--input",
+        "mil=s3://b/run/mil",
+        "--output-uri",
+        "s3://b/run/segment",
+        "--checkpoint-root",
+        "s3://b/ckpt",
+    ]
     pool = gpu_pool.load()
     if gpus:  # placement from the one source Terraform also reads
         assert container["resources"]["limits"][pool["accelerator_resource"]] == str(gpus)
         assert pod["nodeSelector"] == {pool["node_selector"]["key"]: pool["node_selector"]["value"]}
         assert pod["tolerations"] == [{**pool["toleration"], "operator": "Equal"}]
     else:
-        assert "nodeSelector" not in pod and pool["accelerator_resource"] not in container["resources"]["limits"]
+        assert (
+            "nodeSelector" not in pod and pool["accelerator_resource"] not in container["resources"]["limits"]
+        )
 
 
 def test_schema_rejects_what_the_operator_would(validator: Any) -> None:
@@ -180,8 +203,12 @@ class FakeApiServer:
 
 
 def _condition(kind: str, reason: str, message: str = "") -> dict[str, Any]:
-    return {"conditions": [{"type": "Created", "status": "True", "reason": "PyTorchJobCreated"},
-                           {"type": kind, "status": "True", "reason": reason, "message": message}]}
+    return {
+        "conditions": [
+            {"type": "Created", "status": "True", "reason": "PyTorchJobCreated"},
+            {"type": kind, "status": "True", "reason": reason, "message": message},
+        ]
+    }
 
 
 RUNNING = _condition("Running", "PyTorchJobRunning")
@@ -189,13 +216,19 @@ RUNNING = _condition("Running", "PyTorchJobRunning")
 
 def test_submit_then_watch_until_succeeded() -> None:
     manifest = _manifest(name="job-ok", namespace="kubeflow")
-    script = {"job-ok": [[("ADDED", {})],  # the first watch ends (server timeout) before the job does
-                         [("MODIFIED", RUNNING), ("MODIFIED", _condition("Succeeded", "PyTorchJobSucceeded"))]]}
+    script = {
+        "job-ok": [
+            [("ADDED", {})],  # the first watch ends (server timeout) before the job does
+            [("MODIFIED", RUNNING), ("MODIFIED", _condition("Succeeded", "PyTorchJobSucceeded"))],
+        ]
+    }
     with FakeApiServer(script) as server:
         result = trainjob.run(manifest, server.api(), timeout_s=60)
     assert result["metadata"]["name"] == "job-ok"
     post, *watches = server.requests
-    assert post["method"] == "POST" and post["path"] == "/apis/kubeflow.org/v1/namespaces/kubeflow/pytorchjobs"
+    assert (
+        post["method"] == "POST" and post["path"] == "/apis/kubeflow.org/v1/namespaces/kubeflow/pytorchjobs"
+    )
     assert post["body"] == manifest  # the manifest itself went to the API server
     assert len(watches) == 2 and all(w["path"] == post["path"] for w in watches)
     assert all(w["query"]["fieldSelector"] == "metadata.name=job-ok" for w in watches)
@@ -221,12 +254,20 @@ def test_deleted_job_fails() -> None:
 
 def test_pipeline_runner_may_create_and_watch_the_job_kind() -> None:
     """The runner's Role (infra/base/pipeline-runs/rbac.yaml) grants exactly what `trainjob.run` calls."""
-    docs = list(yaml.safe_load_all((Path(__file__).parents[1] / "infra" / "base" / "pipeline-runs" /
-                                    "rbac.yaml").read_text()))
+    docs = list(
+        yaml.safe_load_all(
+            (Path(__file__).parents[1] / "infra" / "base" / "pipeline-runs" / "rbac.yaml").read_text()
+        )
+    )
     (role,) = [d for d in docs if d["kind"] == "Role"]
     rules = [r for r in role["rules"] if trainjob.GROUP in r["apiGroups"]]
-    assert rules == [{"apiGroups": [trainjob.GROUP], "resources": [trainjob.PLURAL],
-                      "verbs": ["create", "get", "list", "watch"]}]
+    assert rules == [
+        {
+            "apiGroups": [trainjob.GROUP],
+            "resources": [trainjob.PLURAL],
+            "verbs": ["create", "get", "list", "watch"],
+        }
+    ]
 
 
 def test_launch_stage_submits_the_stage_command_and_waits(validator: Any) -> None:
@@ -235,20 +276,32 @@ def test_launch_stage_submits_the_stage_command_and_waits(validator: Any) -> Non
     assert name == "covseg-segment-run-2026-12-02t11-00-00z" and len(trainjob.job_name("x", "y" * 100)) == 63
     script = {name: [[("ADDED", RUNNING), ("MODIFIED", _condition("Succeeded", "PyTorchJobSucceeded"))]]}
     with FakeApiServer(script) as server:
-        trainjob.launch_stage("segment", "Run_2026-12-02T11:00:00Z", "img:1", params,
-                              {"lungs": "s3://b/r/lungs", "mil": "s3://b/r/mil"}, "s3://b/r/segment",
-                              num_nodes=2, gpus_per_node=4, api=server.api(), timeout_s=60)
+        trainjob.launch_stage(
+            "segment",
+            "Run_2026-12-02T11:00:00Z",
+            "img:1",
+            params,
+            {"lungs": "s3://b/r/lungs", "mil": "s3://b/r/mil"},
+            "s3://b/r/segment",
+            num_nodes=2,
+            gpus_per_node=4,
+            api=server.api(),
+            timeout_s=60,
+        )
     body = server.requests[0]["body"]
     assert _errors(validator, body) == []
     (container,) = body["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
     command = container["command"]
     assert command[3:5] == ["segment", "/tmp/covseg/artifacts"] and json.loads(command[6]) == params
     assert "--output-uri" in command and command[command.index("--output-uri") + 1] == "s3://b/r/segment"
-    assert body["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1 and body["spec"]["nprocPerNode"] == "4"
+    assert (
+        body["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1 and body["spec"]["nprocPerNode"] == "4"
+    )
 
 
 def test_segment_component_in_distributed_mode_runs_the_job_and_takes_its_output(
-        validator: Any, moto_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    validator: Any, moto_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The pipeline's `num_nodes` x `gpus_per_node` > 1: the segment task (its KFP function, called as the
     executor calls it) submits the stage as a PyTorchJob through the real client (kubeconfig -> the fake API
     server), waits for it, then brings the output rank 0 uploaded (here: put on moto S3 as the job would)
@@ -270,11 +323,23 @@ def test_segment_component_in_distributed_mode_runs_the_job_and_takes_its_output
     script = {name: [[("ADDED", RUNNING), ("MODIFIED", _condition("Succeeded", "PyTorchJobSucceeded"))]]}
     with FakeApiServer(script) as server:
         kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": server.url}}],
-            "users": [{"name": "fake", "user": {"token": "t"}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": "kubeflow"}}]}))
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "fake",
+                    "clusters": [{"name": "fake", "cluster": {"server": server.url}}],
+                    "users": [{"name": "fake", "user": {"token": "t"}}],
+                    "contexts": [
+                        {
+                            "name": "fake",
+                            "context": {"cluster": "fake", "user": "fake", "namespace": "kubeflow"},
+                        }
+                    ],
+                }
+            )
+        )
         monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
         monkeypatch.setenv(trainjob.JOB_IMAGE_ENV, "ghcr.io/covseg/covseg-gpu:test")
         monkeypatch.setenv("COVSEG_PIPELINE_RUN_ID", "r1")
@@ -283,10 +348,19 @@ def test_segment_component_in_distributed_mode_runs_the_job_and_takes_its_output
         out = dsl.Model(uri=f"s3://{bucket}/r1/segment")
         metrics = dsl.Metrics(uri=str(tmp_path / "metrics"))
         lungs, mil = dsl.Dataset(uri=f"s3://{bucket}/r1/lungs"), dsl.Dataset(uri=f"s3://{bucket}/r1/mil")
-        segment.python_func(slices=lungs, fine_labels=mil, params_json=json.dumps({"seed": 1}),
-                            mlflow_tracking_uri="", data_version="", checkpoint_root="",
-                            s3_endpoint_url=moto_server.endpoint_url, segmenter=out, metrics=metrics,
-                            num_nodes=2, gpus_per_node=2)
+        segment.python_func(
+            slices=lungs,
+            fine_labels=mil,
+            params_json=json.dumps({"seed": 1}),
+            mlflow_tracking_uri="",
+            data_version="",
+            checkpoint_root="",
+            s3_endpoint_url=moto_server.endpoint_url,
+            segmenter=out,
+            metrics=metrics,
+            num_nodes=2,
+            gpus_per_node=2,
+        )
     post = server.requests[0]
     assert post["method"] == "POST" and _errors(validator, post["body"]) == []
     (container,) = post["body"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]

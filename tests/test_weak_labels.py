@@ -35,11 +35,14 @@ def test_real_table_gives_one_clean_lung_on_most_p001_positives() -> None:
     assert all(v.left == v.right == 0 for v in labels.values() if v.lesion == 0)
 
 
-@pytest.mark.parametrize(("row", "message"), [
-    ("P,1,1,0,0,0,0,0\n", "lobe columns say 0"),  # a lesion slice with every lobe clean
-    ("P,1,0,1,0,0,0,0\n", "lobe columns say 1"),  # a clean slice with a lesion lobe
-    ("P,1,1,2,0,0,0,0\n", "must be 0 or 1"),
-])
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("P,1,1,0,0,0,0,0\n", "lobe columns say 0"),  # a lesion slice with every lobe clean
+        ("P,1,0,1,0,0,0,0\n", "lobe columns say 1"),  # a clean slice with a lesion lobe
+        ("P,1,1,2,0,0,0,0\n", "must be 0 or 1"),
+    ],
+)
 def test_contradicting_lobe_labels_are_refused(tmp_path: Path, row: str, message: str) -> None:
     with pytest.raises(InputError, match=message):
         _read_labels(_table(tmp_path, HEADER + row), "instance_number")

@@ -87,9 +87,17 @@ def stream(shards: str, batch: int, width: int, max_steps: int | None) -> dict[s
         if max_steps and n >= max_steps * batch:
             break
     seconds = time.perf_counter() - start
-    return {"mode": "stream", "slices": n, "seconds": seconds, "slices_per_s": n / seconds,
-            "data_ms_per_slice": 1000 * (seconds - step_s) / n, "step_ms_per_slice": 1000 * step_s / n,
-            "rss_before_train_mb": rss_before, "peak_rss_mb": _rss_mb(), "rows": int(manifest["n"])}
+    return {
+        "mode": "stream",
+        "slices": n,
+        "seconds": seconds,
+        "slices_per_s": n / seconds,
+        "data_ms_per_slice": 1000 * (seconds - step_s) / n,
+        "step_ms_per_slice": 1000 * step_s / n,
+        "rss_before_train_mb": rss_before,
+        "peak_rss_mb": _rss_mb(),
+        "rows": int(manifest["n"]),
+    }
 
 
 def in_memory(lungs: str, replicate: int, batch: int, width: int, max_steps: int | None) -> dict[str, Any]:
@@ -98,9 +106,14 @@ def in_memory(lungs: str, replicate: int, batch: int, width: int, max_steps: int
 
     base = SliceSet.load(lungs, tissue_ceiling=0.55, fill=0.1)
     n_rows = len(base.images)
-    slices = SliceSet(np.concatenate([base.images] * replicate), np.concatenate([base.lungs] * replicate),
-                      pd.concat([base.index] * replicate, ignore_index=True).assign(row=np.arange(n_rows * replicate)),
-                      0.55, 0.1, np.concatenate([base.sides] * replicate))
+    slices = SliceSet(
+        np.concatenate([base.images] * replicate),
+        np.concatenate([base.lungs] * replicate),
+        pd.concat([base.index] * replicate, ignore_index=True).assign(row=np.arange(n_rows * replicate)),
+        0.55,
+        0.1,
+        np.concatenate([base.sides] * replicate),
+    )
     del base
     slices.to(__import__("torch").device("cpu"))
     weights = _weights(slices.index)
@@ -118,19 +131,34 @@ def in_memory(lungs: str, replicate: int, batch: int, width: int, max_steps: int
         if max_steps and n >= max_steps * batch:
             break
     seconds = time.perf_counter() - start
-    return {"mode": "in-memory", "slices": n, "seconds": seconds, "slices_per_s": n / seconds,
-            "data_ms_per_slice": 1000 * (seconds - step_s) / n, "step_ms_per_slice": 1000 * step_s / n,
-            "rss_before_train_mb": rss_before, "peak_rss_mb": _rss_mb(), "rows": n_rows * replicate}
+    return {
+        "mode": "in-memory",
+        "slices": n,
+        "seconds": seconds,
+        "slices_per_s": n / seconds,
+        "data_ms_per_slice": 1000 * (seconds - step_s) / n,
+        "step_ms_per_slice": 1000 * step_s / n,
+        "rss_before_train_mb": rss_before,
+        "peak_rss_mb": _rss_mb(),
+        "rows": n_rows * replicate,
+    }
 
 
 def _child(args: list[str]) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, check=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(HERE.parents[1] / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    out = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, env=env, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--lungs", default="artifacts/lungs")
     parser.add_argument("--work", default="/tmp/covseg-bench-scale", help="where the shards are written")
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 4, 16])
@@ -138,14 +166,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--width", type=int, default=16, help="classifier width (params: classify.width)")
     parser.add_argument("--slices-per-shard", type=int, default=256)
-    parser.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (0: all)")
+    parser.add_argument(
+        "--max-steps", type=int, default=0, help="stop each epoch after this many steps (0: all)"
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, target, replicate = args.child
         run = stream if kind == "stream" else None
-        result = (run(target, args.batch, args.width, args.max_steps or None) if run else
-                  in_memory(target, int(replicate), args.batch, args.width, args.max_steps or None))
+        result = (
+            run(target, args.batch, args.width, args.max_steps or None)
+            if run
+            else in_memory(target, int(replicate), args.batch, args.width, args.max_steps or None)
+        )
         print(json.dumps({**result, "replication": int(replicate)}))
         return
 
@@ -167,18 +200,27 @@ def main() -> None:
         record = _child([*common, "--child", "memory", args.lungs, str(replicate)])
         records.append(record)
         print(json.dumps(record), flush=True)
-    meta = {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "omp_threads": os.environ.get("OMP_NUM_THREADS"), "argv": sys.argv[1:],
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    meta = {
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+        "argv": sys.argv[1:],
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     (HERE / "results.json").write_text(json.dumps({"meta": meta, "records": records}, indent=2))
-    print("| data | mode | rows | slices trained | slices/s | data ms/slice | step ms/slice | peak RSS (MB) | "
-          "shards (MB) |")
+    print(
+        "| data | mode | rows | slices trained | slices/s | data ms/slice | step ms/slice | peak RSS (MB) | "
+        "shards (MB) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in records:
         label = f"{r['replication']}x (replicated)" if r["replication"] > 1 else "1x (real)"
-        print(f"| {label} | {r['mode']} | {r['rows']} | {r['slices']} | {r['slices_per_s']:.1f} | "
-              f"{r['data_ms_per_slice']:.1f} | {r['step_ms_per_slice']:.1f} | {r['peak_rss_mb']:.0f} | "
-              f"{r.get('shard_mb', float('nan')):.0f} |")
+        print(
+            f"| {label} | {r['mode']} | {r['rows']} | {r['slices']} | {r['slices_per_s']:.1f} | "
+            f"{r['data_ms_per_slice']:.1f} | {r['step_ms_per_slice']:.1f} | {r['peak_rss_mb']:.0f} | "
+            f"{r.get('shard_mb', float('nan')):.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -47,9 +47,13 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 DICE_TAGS = ("eval_dice", TAG_CANDIDATE_DICE, TAG_CHAMPION_DICE)
-EVIDENCE_TAGS = {"dice_difference": TAG_DIFFERENCE, "dice_difference_low": TAG_DIFFERENCE_LOW,
-                 "dice_difference_high": TAG_DIFFERENCE_HIGH, "dice_difference_confidence": TAG_CONFIDENCE,
-                 "promotion_margin": TAG_MARGIN}
+EVIDENCE_TAGS = {
+    "dice_difference": TAG_DIFFERENCE,
+    "dice_difference_low": TAG_DIFFERENCE_LOW,
+    "dice_difference_high": TAG_DIFFERENCE_HIGH,
+    "dice_difference_confidence": TAG_CONFIDENCE,
+    "promotion_margin": TAG_MARGIN,
+}
 UNKNOWN = ("", "unknown", "none")
 DVC_TIMEOUT_S = 300
 
@@ -211,23 +215,49 @@ def _gain(row: dict[str, Any]) -> str:
     diff, low, high = (row.get(k) for k in ("dice_difference", "dice_difference_low", "dice_difference_high"))
     if diff is None:
         return "-"
-    return f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]" if low is not None and high is not None else f"{diff:+.4f}"
+    return (
+        f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]" if low is not None and high is not None else f"{diff:+.4f}"
+    )
 
 
 def format_audit(rows: list[dict[str, Any]]) -> str:
     """A readable table of :func:`audit_versions` rows, then which versions share each data version."""
     if not rows:
         return "no registered versions"
-    header = ("version", "aliases", "decision", "dice", "champ_dice", "gain [CI]", "margin", "data_md5",
-              "commit", "params_hash", "profile", "format", "created")
+    header = (
+        "version",
+        "aliases",
+        "decision",
+        "dice",
+        "champ_dice",
+        "gain [CI]",
+        "margin",
+        "data_md5",
+        "commit",
+        "params_hash",
+        "profile",
+        "format",
+        "created",
+    )
     table = [header]
     for r in rows:
-        table.append((
-            f"v{r['version']}", _cell(r["aliases"]), _cell(r["promotion_decision"]), _cell(_dice(r)),
-            _cell(r["champion_dice"]), _gain(r), _cell(r.get("promotion_margin")), _cell(r["data_md5"], 12),
-            _cell(r["git_commit"], 8),
-            _cell(r["params_hash"]), _cell(r["profile"]), _cell(r.get("model_format")), _cell(r["created"]),
-        ))
+        table.append(
+            (
+                f"v{r['version']}",
+                _cell(r["aliases"]),
+                _cell(r["promotion_decision"]),
+                _cell(_dice(r)),
+                _cell(r["champion_dice"]),
+                _gain(r),
+                _cell(r.get("promotion_margin")),
+                _cell(r["data_md5"], 12),
+                _cell(r["git_commit"], 8),
+                _cell(r["params_hash"]),
+                _cell(r["profile"]),
+                _cell(r.get("model_format")),
+                _cell(r["created"]),
+            )
+        )
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in table]
     by_data: dict[str, list[str]] = {}
@@ -235,7 +265,9 @@ def format_audit(rows: list[dict[str, Any]]) -> str:
         by_data.setdefault(r["data_md5"] or "unknown", []).append(f"v{r['version']}")
     lines.append("")
     plural = lambda n, word: f"{n} {word}" + ("" if n == 1 else "s")  # noqa: E731
-    lines.append(f"{rows[0]['name']}: {plural(len(rows), 'version')} on {plural(len(by_data), 'data version')}")
+    lines.append(
+        f"{rows[0]['name']}: {plural(len(rows), 'version')} on {plural(len(by_data), 'data version')}"
+    )
     lines += [f"  data {md5}: {', '.join(versions)}" for md5, versions in by_data.items()]
     return "\n".join(lines)
 
@@ -293,8 +325,9 @@ def _dvc_diff(repo: Path, a: str, b: str) -> dict[str, Any]:
     env = {**os.environ, **TELEMETRY_OFF}
     cmd = [sys.executable, "-m", "dvc", "diff", "--json", a, b]
     try:
-        done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=DVC_TIMEOUT_S,
-                              check=False)
+        done = subprocess.run(
+            cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=DVC_TIMEOUT_S, check=False
+        )
     except subprocess.TimeoutExpired as exc:
         raise AuditError(str(repo), f"dvc diff {a[:8]} {b[:8]} took over {DVC_TIMEOUT_S} s") from exc
     if done.returncode != 0:
@@ -362,24 +395,36 @@ def audit_diff(
         if at_commit is None:
             warnings.append(f"v{mv.version}: no {dvc_file} at commit {commit[:8]}")
         elif tag_md5 is not None and tag_md5 != at_commit:
-            warnings.append(f"v{mv.version}: data_md5 tag {tag_md5} differs from {dvc_file} at commit "
-                            f"{commit[:8]} ({at_commit}); it was trained on uncommitted data")
+            warnings.append(
+                f"v{mv.version}: data_md5 tag {tag_md5} differs from {dvc_file} at commit "
+                f"{commit[:8]} ({at_commit}); it was trained on uncommitted data"
+            )
         if tag_md5 is None:
             warnings.append(f"v{mv.version}: no data_md5 tag")
         commits.append(commit)
-        ends.append({"version": str(mv.version), "git_commit": commit, "data_md5": tag_md5,
-                     "data_md5_at_commit": at_commit})
+        ends.append(
+            {
+                "version": str(mv.version),
+                "git_commit": commit,
+                "data_md5": tag_md5,
+                "data_md5_at_commit": at_commit,
+            }
+        )
     raw = _dvc_diff(root, commits[0], commits[1]) if commits[0] != commits[1] else {}
 
     def paths(key: str) -> list[str]:
         return sorted(
-            e["path"] for e in raw.get(key, [])
+            e["path"]
+            for e in raw.get(key, [])
             if isinstance(e.get("path"), str) and not e["path"].endswith("/") and _under(e["path"], data_path)
         )
 
     renamed = sorted(
-        ({"old": e["path"]["old"], "new": e["path"]["new"]} for e in raw.get("renamed", [])
-         if _under(e["path"]["old"], data_path) or _under(e["path"]["new"], data_path)),
+        (
+            {"old": e["path"]["old"], "new": e["path"]["new"]}
+            for e in raw.get("renamed", [])
+            if _under(e["path"]["old"], data_path) or _under(e["path"]["new"], data_path)
+        ),
         key=lambda r: (r["old"], r["new"]),
     )
     md5s = [e["data_md5_at_commit"] or e["data_md5"] for e in ends]
@@ -402,7 +447,9 @@ def format_diff(diff: dict[str, Any]) -> str:
     a, b = diff["from"], diff["to"]
     lines = [f"{diff['name']} v{a['version']} -> v{b['version']}"]
     for end in (a, b):
-        lines.append(f"  v{end['version']:<5} commit {end['git_commit'][:12]}  data_md5 {end['data_md5'] or '-'}")
+        lines.append(
+            f"  v{end['version']:<5} commit {end['git_commit'][:12]}  data_md5 {end['data_md5'] or '-'}"
+        )
     counts = {k: len(diff[k]) for k in ("added", "deleted", "modified", "renamed")}
     total = sum(counts.values())
     if total == 0:
@@ -414,8 +461,10 @@ def format_diff(diff: dict[str, Any]) -> str:
     lines += [f"  M {p}" for p in diff["modified"]]
     lines += [f"  R {r['old']} -> {r['new']}" for r in diff["renamed"]]
     if diff["not_in_cache"]:
-        lines.append(f"{len(diff['not_in_cache'])} files not in the DVC cache (run `dvc fetch` for both "
-                     "commits for a file-level answer):")
+        lines.append(
+            f"{len(diff['not_in_cache'])} files not in the DVC cache (run `dvc fetch` for both "
+            "commits for a file-level answer):"
+        )
         lines += [f"  ? {p}" for p in diff["not_in_cache"]]
     lines += [f"warning: {w}" for w in diff["warnings"]]
     return "\n".join(lines)

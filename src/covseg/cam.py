@@ -34,8 +34,9 @@ def load_classifier(classify_dir: str | Path) -> SliceClassifier:
     return load_state(SliceClassifier(width=meta["width"]), path)
 
 
-def grad_cam(model: SliceClassifier, x: torch.Tensor, layer: str = "encoder.block4",
-             batch_size: int = 32) -> np.ndarray:
+def grad_cam(
+    model: SliceClassifier, x: torch.Tensor, layer: str = "encoder.block4", batch_size: int = 32
+) -> np.ndarray:
     """Grad-CAM maps (N,S,S) in [0,1] of the lesion logit for a batch of canonical slices."""
     from monai.visualize import GradCAM
 
@@ -43,7 +44,7 @@ def grad_cam(model: SliceClassifier, x: torch.Tensor, layer: str = "encoder.bloc
     dev = next(model.parameters()).device
     maps = []
     for start in range(0, len(x), batch_size):
-        chunk = x[start:start + batch_size].clone().requires_grad_(False).to(dev)
+        chunk = x[start : start + batch_size].clone().requires_grad_(False).to(dev)
         maps.append(cam(chunk, class_idx=0).detach()[:, 0].float().cpu().numpy())
     return np.concatenate(maps) if maps else np.zeros((0, *x.shape[-2:]), np.float32)
 
@@ -75,11 +76,15 @@ def otsu_in_lung(cam: np.ndarray, lung: np.ndarray) -> float:
     otsu = sitk.OtsuThresholdImageFilter()
     otsu.SetNumberOfHistogramBins(64)
     otsu.SetMaskValue(1)
-    otsu.Execute(sitk.GetImageFromArray(cam.astype(np.float32)), sitk.GetImageFromArray(lung.astype(np.uint8)))
+    otsu.Execute(
+        sitk.GetImageFromArray(cam.astype(np.float32)), sitk.GetImageFromArray(lung.astype(np.uint8))
+    )
     return float(otsu.GetThreshold())
 
 
-def threshold_maps(soft: np.ndarray, lungs: np.ndarray, rows: np.ndarray, threshold: float | str) -> np.ndarray:
+def threshold_maps(
+    soft: np.ndarray, lungs: np.ndarray, rows: np.ndarray, threshold: float | str
+) -> np.ndarray:
     """Coarse masks: each map above `threshold` (a number, or 'otsu' per slice inside its lung), in the lung."""
     coarse = np.zeros(soft.shape, dtype=bool)
     for row in rows:
@@ -98,13 +103,16 @@ def side_weights(rows: pd.DataFrame, lung_proba: np.ndarray) -> np.ndarray:
     """(N, 2) weight of the right and left lung of each slice: its lobe label where known (1 or 0), else
     the classifier's view probability over that of the slice's likelier lung (the likelier lung gets 1)."""
     relative = lung_proba / np.maximum(lung_proba.max(axis=1, keepdims=True), 1e-6)
-    known = [rows[c].to_numpy() if c in rows else np.full(len(rows), -1) for c in ("lesion_right", "lesion_left")]
+    known = [
+        rows[c].to_numpy() if c in rows else np.full(len(rows), -1) for c in ("lesion_right", "lesion_left")
+    ]
     known = np.stack(known, axis=1)
     return np.where(known >= 0, known, relative).astype(np.float32)
 
 
-def coarse_labels(lungs_dir: str | Path, classify_dir: str | Path, out_dir: str | Path,
-                  params: dict[str, Any]) -> pd.DataFrame:
+def coarse_labels(
+    lungs_dir: str | Path, classify_dir: str | Path, out_dir: str | Path, params: dict[str, Any]
+) -> pd.DataFrame:
     """Write soft CAM maps + thresholded coarse masks (`coarse.npz`) and per-slice stats (`coarse.parquet`)."""
     from covseg.lungs import SIDE_LEFT, SIDE_RIGHT
 
@@ -120,13 +128,13 @@ def coarse_labels(lungs_dir: str | Path, classify_dir: str | Path, out_dir: str 
     soft = np.zeros((len(slices.index), size, size), dtype=np.float16)
     region = np.zeros((len(slices.index), size, size), dtype=bool)
     for start in progress(range(0, len(positions), 64), desc="grad-cam", unit="batch"):
-        chunk = positions[start:start + 64]
+        chunk = positions[start : start + 64]
         combined = np.zeros((len(chunk), size, size), np.float32)
         for column, side in enumerate((SIDE_RIGHT, SIDE_LEFT)):
             sides = np.full(len(chunk), side)
             lung = slices.side_masks(chunk, sides)
             maps = normalise_in_lung(grad_cam(model, slices.tensor(chunk, sides), cfg["layer"]), lung)
-            weight = weights[start:start + 64, column]
+            weight = weights[start : start + 64, column]
             combined += maps * weight[:, None, None]
             region[chunk] |= lung & (weight[:, None, None] >= 0.5)
         soft[chunk] = combined
@@ -146,10 +154,15 @@ def label_stats(slices: SliceSet, masks: np.ndarray, rows: pd.DataFrame) -> pd.D
     lung = slices.lungs[positions].reshape(len(positions), -1)
     area = label.sum(axis=1)
     inside = (label & lung).sum(axis=1)
-    return pd.DataFrame({
-        "row": positions, "case_id": rows["case_id"].to_numpy(), "split": rows["split"].to_numpy(),
-        "source": rows["source"].to_numpy(), "label": rows["label"].to_numpy(),
-        "area_fraction_of_lung": area / np.maximum(lung.sum(axis=1), 1),
-        "inside_lung_fraction": np.where(area > 0, inside / np.maximum(area, 1), 1.0),
-        "empty": area == 0,
-    })
+    return pd.DataFrame(
+        {
+            "row": positions,
+            "case_id": rows["case_id"].to_numpy(),
+            "split": rows["split"].to_numpy(),
+            "source": rows["source"].to_numpy(),
+            "label": rows["label"].to_numpy(),
+            "area_fraction_of_lung": area / np.maximum(lung.sum(axis=1), 1),
+            "inside_lung_fraction": np.where(area > 0, inside / np.maximum(area, 1), 1.0),
+            "empty": area == 0,
+        }
+    )

@@ -27,7 +27,9 @@ PATTERN = "*.ckpt"
 
 
 @contextlib.contextmanager
-def durable_checkpoints(root: str, stage: str, endpoint_url: str = "", interval_s: float = 0.5) -> Iterator[Path]:
+def durable_checkpoints(
+    root: str, stage: str, endpoint_url: str = "", interval_s: float = 0.5
+) -> Iterator[Path]:
     """A folder for one training stage's epoch checkpoints that a rerun of the stage finds again.
 
     Args:
@@ -67,8 +69,9 @@ def durable_checkpoints(root: str, stage: str, endpoint_url: str = "", interval_
             yield Path(scratch)
             return
         stop = threading.Event()
-        thread = threading.Thread(target=mirror.run, args=(stop, interval_s), name=f"ckpt-mirror-{stage}",
-                                  daemon=True)
+        thread = threading.Thread(
+            target=mirror.run, args=(stop, interval_s), name=f"ckpt-mirror-{stage}", daemon=True
+        )
         thread.start()
         try:
             yield Path(scratch)
@@ -88,7 +91,7 @@ class S3Mirror:
         from botocore.config import Config
         from botocore.exceptions import BotoCoreError, ClientError
 
-        self.bucket, _, prefix = url[len("s3://"):].partition("/")
+        self.bucket, _, prefix = url[len("s3://") :].partition("/")
         self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
         self.folder = folder
         # Short connect timeout, few retries: an unreachable store must not hold the training up for minutes.
@@ -106,7 +109,7 @@ class S3Mirror:
     def pull(self) -> None:
         """Downloads every checkpoint under the prefix (a killed run's, or old keys' until swept)."""
         for key in self._remote():
-            target = self.folder / key[len(self.prefix):]
+            target = self.folder / key[len(self.prefix) :]
             if target.parent != self.folder:
                 continue  # not one of this stage's files
             self.s3.download_file(self.bucket, key, str(target))
@@ -133,8 +136,9 @@ class S3Mirror:
         try:
             operation()
         except self.errors as exc:
-            log.warning("checkpoints at s3://%s/%s: %s failed: %s", self.bucket, self.prefix, operation.__name__,
-                        exc)
+            log.warning(
+                "checkpoints at s3://%s/%s: %s failed: %s", self.bucket, self.prefix, operation.__name__, exc
+            )
             return False
         return True
 

@@ -43,8 +43,11 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
     if len(np.unique(labels)) < 2:
         return float("nan")
-    return float(compute_roc_auc(torch.as_tensor(scores, dtype=torch.float32),
-                                 torch.as_tensor(labels, dtype=torch.float32)))
+    return float(
+        compute_roc_auc(
+            torch.as_tensor(scores, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.float32)
+        )
+    )
 
 
 MIN_SIDE_FRACTION = 0.01
@@ -91,24 +94,34 @@ def training_views(slices: SliceSet, split: str, min_lung_fraction: float) -> pd
 
 
 @torch.no_grad()
-def predict_logits(model: SliceClassifier, slices: SliceSet, rows: np.ndarray, sides: np.ndarray | None = None,
-                   batch_size: int = 64) -> np.ndarray:
+def predict_logits(
+    model: SliceClassifier,
+    slices: SliceSet,
+    rows: np.ndarray,
+    sides: np.ndarray | None = None,
+    batch_size: int = 64,
+) -> np.ndarray:
     """Lesion logit for each view (`rows`, `sides`; whole slices without `sides`). The head runs in float32
     outside autocast, so saturated probabilities still rank (bf16 keeps ~128 values per doubling)."""
     dev = next(model.parameters()).device
     model.eval()
     out = []
     for start in range(0, len(rows), batch_size):
-        part = None if sides is None else sides[start:start + batch_size]
-        x = slices.tensor(rows[start:start + batch_size], part).to(dev)
+        part = None if sides is None else sides[start : start + batch_size]
+        x = slices.tensor(rows[start : start + batch_size], part).to(dev)
         with autocast(dev):
             pooled = model.pooled(x)
         out.append(model.head(pooled.float()).squeeze(1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
-def predict_proba(model: SliceClassifier, slices: SliceSet, rows: np.ndarray, sides: np.ndarray | None = None,
-                  batch_size: int = 64) -> np.ndarray:
+def predict_proba(
+    model: SliceClassifier,
+    slices: SliceSet,
+    rows: np.ndarray,
+    sides: np.ndarray | None = None,
+    batch_size: int = 64,
+) -> np.ndarray:
     """Sigmoid lesion probability for each view (whole slices without `sides`)."""
     return torch.sigmoid(torch.from_numpy(predict_logits(model, slices, rows, sides, batch_size))).numpy()
 
@@ -117,11 +130,15 @@ def lung_probabilities(model: SliceClassifier, slices: SliceSet, rows: np.ndarra
     """(N, 2) lesion probability of each slice's right (column 0) and left (column 1) lung view."""
     from covseg.lungs import SIDE_LEFT, SIDE_RIGHT
 
-    return np.stack([predict_proba(model, slices, rows, np.full(len(rows), side)) for side in
-                     (SIDE_RIGHT, SIDE_LEFT)], axis=1)
+    return np.stack(
+        [predict_proba(model, slices, rows, np.full(len(rows), side)) for side in (SIDE_RIGHT, SIDE_LEFT)],
+        axis=1,
+    )
 
 
-def view_auc(model: SliceClassifier, slices: SliceSet, split: str, min_lung_fraction: float) -> dict[str, float]:
+def view_auc(
+    model: SliceClassifier, slices: SliceSet, split: str, min_lung_fraction: float
+) -> dict[str, float]:
     """Validation AUC of the classifier: `lung` over the lung views, `slice` over the slices of the
     two-label sources (a slice scores its likelier lung), and per source: each source's slices against the
     split's negatives (for the JPEG sources: are their lesion slices ranked above clean HU slices?)."""
@@ -129,8 +146,10 @@ def view_auc(model: SliceClassifier, slices: SliceSet, split: str, min_lung_frac
     result = {"lung": float("nan")}
     if not views.empty and (views["side"] > 0).any():
         lung = views[views["side"] > 0]
-        result["lung"] = roc_auc(predict_proba(model, slices, lung["row"].to_numpy(), lung["side"].to_numpy()),
-                                 lung["label"].to_numpy())
+        result["lung"] = roc_auc(
+            predict_proba(model, slices, lung["row"].to_numpy(), lung["side"].to_numpy()),
+            lung["label"].to_numpy(),
+        )
     rows = slices.rows(split, min_lung_fraction)
     score = lung_probabilities(model, slices, rows["row"].to_numpy()).max(axis=1)
     frame = rows.assign(p=score)
@@ -143,8 +162,9 @@ def view_auc(model: SliceClassifier, slices: SliceSet, split: str, min_lung_frac
     return result
 
 
-def _train(slices: SliceSet, views: pd.DataFrame, cfg: dict[str, Any], seed: int, checkpoint: Path,
-           desc: str) -> tuple[SliceClassifier, list]:
+def _train(
+    slices: SliceSet, views: pd.DataFrame, cfg: dict[str, Any], seed: int, checkpoint: Path, desc: str
+) -> tuple[SliceClassifier, list]:
     """Train the classifier on views, half the draws per label."""
     seed_everything(seed)
     dev = device()
@@ -174,8 +194,9 @@ def _train(slices: SliceSet, views: pd.DataFrame, cfg: dict[str, Any], seed: int
     return model.eval(), history
 
 
-def train_classifier(lungs_dir: str | Path, out_dir: str | Path, params: dict[str, Any],
-                     checkpoint_dir: str | Path) -> dict[str, Any]:
+def train_classifier(
+    lungs_dir: str | Path, out_dir: str | Path, params: dict[str, Any], checkpoint_dir: str | Path
+) -> dict[str, Any]:
     """Train the view classifier on the train split; report validation AUC (lung, slice, per source) and
     the feature probe."""
     cfg = params["classify"]
@@ -185,17 +206,34 @@ def train_classifier(lungs_dir: str | Path, out_dir: str | Path, params: dict[st
     if train.empty or train["label"].nunique() < 2:
         from covseg.errors import InputError
 
-        raise InputError(lungs_dir, "no training source holds both lesion and lesion-free slices: the "
-                                    "classifier would learn the source, not the lesion")
-    model, history = _train(slices, train, cfg, params["seed"],
-                            checkpoint_path(checkpoint_dir, "classifier", params, [lungs_dir]), "classify")
+        raise InputError(
+            lungs_dir,
+            "no training source holds both lesion and lesion-free slices: the "
+            "classifier would learn the source, not the lesion",
+        )
+    model, history = _train(
+        slices,
+        train,
+        cfg,
+        params["seed"],
+        checkpoint_path(checkpoint_dir, "classifier", params, [lungs_dir]),
+        "classify",
+    )
     val_auc = view_auc(model, slices, "val", cfg["min_lung_fraction"])
     probe = feature_probe(model, slices, cfg["min_lung_fraction"]) if cfg["probe_epochs"] > 0 else {}
-    save_model(model.cpu(), out_dir / MODEL, {"width": cfg["width"], "seed": params["seed"],
-                                             "profile": params["profile"]})
-    return {"history": history, "val_auc": val_auc, "probe": probe,
-            "n_train": len(train), "n_train_positive": int(train["label"].sum()),
-            "n_val": len(training_views(slices, "val", cfg["min_lung_fraction"]))}
+    save_model(
+        model.cpu(),
+        out_dir / MODEL,
+        {"width": cfg["width"], "seed": params["seed"], "profile": params["profile"]},
+    )
+    return {
+        "history": history,
+        "val_auc": val_auc,
+        "probe": probe,
+        "n_train": len(train),
+        "n_train_positive": int(train["label"].sum()),
+        "n_val": len(training_views(slices, "val", cfg["min_lung_fraction"])),
+    }
 
 
 @torch.no_grad()
@@ -203,8 +241,10 @@ def pooled_features(model: SliceClassifier, slices: SliceSet, rows: np.ndarray) 
     """(N, 2C) pooled encoder features (what the head reads) of whole slices."""
     dev = next(model.parameters()).device
     model.eval()
-    chunks = [model.pooled(slices.tensor(rows[s:s + 64]).to(dev)).float().cpu().numpy()
-              for s in range(0, len(rows), 64)]
+    chunks = [
+        model.pooled(slices.tensor(rows[s : s + 64]).to(dev)).float().cpu().numpy()
+        for s in range(0, len(rows), 64)
+    ]
     return np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
 
 
@@ -213,13 +253,20 @@ def feature_probe(model: SliceClassifier, slices: SliceSet, min_lung_fraction: f
 
     A logistic regression (L2, classes balanced) on the pooled features of the train positives, scored
     (ROC AUC) on the validation positives: 0.5 = the features carry no source, 1.0 = they name it."""
+
     def positives(split: str) -> tuple[np.ndarray, np.ndarray]:
         rows = slices.rows(split, min_lung_fraction)
         rows = rows[rows["label"] == 1]
-        return pooled_features(model, slices, rows["row"].to_numpy()), (rows["domain"] == "hu").to_numpy(float)
+        return pooled_features(model, slices, rows["row"].to_numpy()), (rows["domain"] == "hu").to_numpy(
+            float
+        )
 
     (x_train, y_train), (x_val, y_val) = positives("train"), positives("val")
-    result = {"n_val_hu": int(y_val.sum()), "n_val_8bit": int((1 - y_val).sum()), "source_auc_val": float("nan")}
+    result = {
+        "n_val_hu": int(y_val.sum()),
+        "n_val_8bit": int((1 - y_val).sum()),
+        "source_auc_val": float("nan"),
+    }
     if len(np.unique(y_train)) < 2 or len(np.unique(y_val)) < 2:
         return result
     from sklearn.linear_model import LogisticRegression

@@ -14,10 +14,17 @@ import click
 from covseg.config import load_params, repo_root
 
 EXIT_BAD_INPUT = 2
+
+
 def table_rows(table: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The Table-1 rows of an evaluation table in print order: coarse, fine, each round, final, prior."""
-    names = ["coarse", "fine", *sorted((k for k in table if k.startswith("round")), key=lambda k: int(k[5:])),
-             "final", "prior"]
+    names = [
+        "coarse",
+        "fine",
+        *sorted((k for k in table if k.startswith("round")), key=lambda k: int(k[5:])),
+        "final",
+        "prior",
+    ]
     return {name: table[name] for name in names if name in table}
 
 
@@ -60,8 +67,11 @@ def data() -> None:
 @data.command("import")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--to", "target", type=click.Path(path_type=Path), default=None, help="Default: ./data")
-@click.option("--update", is_flag=True,
-              help="If the target holds data: replace it when the source changed (a new data version).")
+@click.option(
+    "--update",
+    is_flag=True,
+    help="If the target holds data: replace it when the source changed (a new data version).",
+)
 @_friendly_errors
 def data_import(source: Path, target: Path | None, update: bool) -> None:
     """Copy raw sources (e.g. ../shared/datasets) into data/ and track it with DVC."""
@@ -74,8 +84,11 @@ def data_import(source: Path, target: Path | None, update: bool) -> None:
         click.echo(f"{target} is up to date with {source}")
         return
     if changes is not None:
-        click.echo("new data version: " + ", ".join(f"{len(v)} {k}" for k, v in changes.items())
-                   + " (`covseg audit diff` lists them per model version)")
+        click.echo(
+            "new data version: "
+            + ", ".join(f"{len(v)} {k}" for k, v in changes.items())
+            + " (`covseg audit diff` lists them per model version)"
+        )
     click.echo(f"imported {count} files into {target}")
 
 
@@ -171,10 +184,12 @@ def segment(profile: str | None) -> None:
     params = load_params(profile)
     p = _stage_paths(params)
     result = stages.segment(p["lungs"], p["mil"], p["segment"], params, p["checkpoints"])
-    click.echo(f"segmenter trained on {result['n_train']} slices; last loss {result['history'][-1]['loss']:.4f}; "
-               f"Dice against the fine labels of {result['n_val_fine']} validation positives "
-               f"{result['val_fine_dice']:.3f}; in-domain slice AUC "
-               f"{result['in_domain'].get('slice_auc', float('nan')):.3f}")
+    click.echo(
+        f"segmenter trained on {result['n_train']} slices; last loss {result['history'][-1]['loss']:.4f}; "
+        f"Dice against the fine labels of {result['n_val_fine']} validation positives "
+        f"{result['val_fine_dice']:.3f}; in-domain slice AUC "
+        f"{result['in_domain'].get('slice_auc', float('nan')):.3f}"
+    )
 
 
 @main.command()
@@ -186,12 +201,16 @@ def refine(profile: str | None) -> None:
 
     params = load_params(profile)
     p = _stage_paths(params)
-    result = stages.refine(p["lungs"], p["coarse"], p["mil"], p["segment"], p["refine"], params, p["checkpoints"])
+    result = stages.refine(
+        p["lungs"], p["coarse"], p["mil"], p["segment"], p["refine"], params, p["checkpoints"]
+    )
     for record in result["rounds"]:
         ranking = record.get("in_domain", {})
-        click.echo(f"round {record['round']}: label agreement with the previous round "
-                   f"{record['agreement'] if record['agreement'] is None else round(record['agreement'], 3)}, "
-                   f"in-domain slice AUC {ranking.get('slice_auc', float('nan')):.3f}")
+        click.echo(
+            f"round {record['round']}: label agreement with the previous round "
+            f"{record['agreement'] if record['agreement'] is None else round(record['agreement'], 3)}, "
+            f"in-domain slice AUC {ranking.get('slice_auc', float('nan')):.3f}"
+        )
     click.echo(f"kept round {result['final_round']} (stopped by {result['stopped_by']})")
 
 
@@ -238,17 +257,22 @@ def evaluate_stage(profile: str | None) -> None:
 
     params = load_params(profile)
     p = _stage_paths(params)
-    table = stages.evaluate(p["ingest"], p["lungs"], p["coarse"], p["mil"], p["segment"], p["refine"],
-                            p["evaluate"], params)
+    table = stages.evaluate(
+        p["ingest"], p["lungs"], p["coarse"], p["mil"], p["segment"], p["refine"], p["evaluate"], params
+    )
     rows = table_rows(table)
     click.echo("threshold 0.5\n" + _table(rows))
-    click.echo("adaptive (Inf-Net: 2 x mean probability)\n" + _table({k: v["adaptive"] for k, v in rows.items()}))
+    click.echo(
+        "adaptive (Inf-Net: 2 x mean probability)\n" + _table({k: v["adaptive"] for k, v in rows.items()})
+    )
     ranking = table.get("in_domain", {})
     if ranking.get("n_slices"):
-        click.echo(f"in-domain validation ({ranking['n_slices']} HU slices, {ranking['n_positive']} with lesions): "
-                   f"slice AUC of the predicted lesion area {ranking['slice_auc']:.3f} vs HU-band baseline "
-                   f"{ranking['hu_band_auc']:.3f} (lung area {ranking['lung_area_auc']:.3f}); "
-                   f"per-lung AUC {ranking['lung_auc']:.3f}")
+        click.echo(
+            f"in-domain validation ({ranking['n_slices']} HU slices, {ranking['n_positive']} with lesions): "
+            f"slice AUC of the predicted lesion area {ranking['slice_auc']:.3f} vs HU-band baseline "
+            f"{ranking['hu_band_auc']:.3f} (lung area {ranking['lung_area_auc']:.3f}); "
+            f"per-lung AUC {ranking['lung_auc']:.3f}"
+        )
 
 
 RENAMED = {"evaluate-pipeline": "evaluate-stage"}
@@ -260,8 +284,14 @@ STAGE_COMMANDS = {"evaluate": "evaluate-stage"}
 def _deprecated_alias(old: str, new: str) -> click.Command:
     """A hidden command `old` that runs command `new` after a one-line notice on stderr."""
     command = main.commands[new]
-    return click.Command(old, callback=command.callback, params=command.params, help=command.help, hidden=True,
-                         deprecated=f"Use 'covseg {new}'.")
+    return click.Command(
+        old,
+        callback=command.callback,
+        params=command.params,
+        help=command.help,
+        hidden=True,
+        deprecated=f"Use 'covseg {new}'.",
+    )
 
 
 for old_name, new_name in RENAMED.items():
@@ -269,10 +299,18 @@ for old_name, new_name in RENAMED.items():
 
 
 @main.command()
-@click.option("--model", required=True, help="Model folder (segmenter.pt) or MLflow URI, e.g. models:/covseg@champion")
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="Folder with images/* and masks/*.png")
-@click.option("--rotate", default=-1, show_default=True,
-              help="np.rot90 k bringing the slices to the radiological view (medseg-100 layout: -1)")
+@click.option(
+    "--model", required=True, help="Model folder (segmenter.pt) or MLflow URI, e.g. models:/covseg@champion"
+)
+@click.option(
+    "--data", required=True, type=click.Path(path_type=Path), help="Folder with images/* and masks/*.png"
+)
+@click.option(
+    "--rotate",
+    default=-1,
+    show_default=True,
+    help="np.rot90 k bringing the slices to the radiological view (medseg-100 layout: -1)",
+)
 @click.option("--format", "fmt", type=click.Choice(["json", "table"]), default="json", show_default=True)
 @_friendly_errors
 def evaluate(model: str, data: Path, rotate: int, fmt: str) -> None:
@@ -316,9 +354,11 @@ def models() -> None:
     for mv in sorted(client.search_model_versions("name = 'covseg'"), key=lambda m: int(m.version)):
         aliases = ",".join(by_version.get(str(mv.version), [])) or "-"
         dice = mv.tags.get("candidate_dice", mv.tags.get("eval_dice", "nan"))
-        click.echo(f"v{mv.version:<4} {aliases:<20} dice={float(dice):.3f} "
-                   f"data={mv.tags.get('data_md5', '?')[:12]} commit={mv.tags.get('git_commit', '?')[:8]} "
-                   f"{mv.tags.get('promotion_decision', '')}")
+        click.echo(
+            f"v{mv.version:<4} {aliases:<20} dice={float(dice):.3f} "
+            f"data={mv.tags.get('data_md5', '?')[:12]} commit={mv.tags.get('git_commit', '?')[:8]} "
+            f"{mv.tags.get('promotion_decision', '')}"
+        )
 
 
 @main.command()
@@ -338,34 +378,65 @@ def run(profile: str | None, from_stage: str) -> None:
     import time
 
     timings = {}
-    for command in order[names.index(from_stage):]:
+    for command in order[names.index(from_stage) :]:
         click.echo(f"== {command.name}")
         start = time.perf_counter()
         ctx.invoke(command, profile=profile)
         timings[command.name] = time.perf_counter() - start
-    click.echo("== wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
-               + f"; total {sum(timings.values()):.0f}")
+    click.echo(
+        "== wall time per stage (s): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
+        + f"; total {sum(timings.values()):.0f}"
+    )
 
 
 @main.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.option("--model", required=True,
-              help="Model folder (segmenter.pt + .json) or MLflow URI, e.g. models:/covseg@champion")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Output folder (replaced if it holds an earlier prediction).")
-@click.option("--rotate", default=0, show_default=True,
-              help="2-D slices only: np.rot90 k bringing the slice to the radiological view (medseg-100: -1).")
+@click.option(
+    "--model",
+    required=True,
+    help="Model folder (segmenter.pt + .json) or MLflow URI, e.g. models:/covseg@champion",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output folder (replaced if it holds an earlier prediction).",
+)
+@click.option(
+    "--rotate",
+    default=0,
+    show_default=True,
+    help="2-D slices only: np.rot90 k bringing the slice to the radiological view (medseg-100: -1).",
+)
 @click.option("--batch-size", default=32, show_default=True, help="Slices per batch.")
 @click.option("--threshold", default=0.5, show_default=True, help="Lesion probability threshold.")
-@click.option("--allow-identified", is_flag=True, help="Accept DICOM headers that still carry patient identity.")
+@click.option(
+    "--allow-identified", is_flag=True, help="Accept DICOM headers that still carry patient identity."
+)
 @_friendly_errors
-def predict(input_path: Path, model: str, out_dir: Path, rotate: int, batch_size: int, threshold: float,
-            allow_identified: bool) -> None:
+def predict(
+    input_path: Path,
+    model: str,
+    out_dir: Path,
+    rotate: int,
+    batch_size: int,
+    threshold: float,
+    allow_identified: bool,
+) -> None:
     """Segment a DICOM series folder, a NIfTI volume or a PNG/JPEG slice: masks, report.json, overlay.png."""
     from covseg.predict import format_summary, predict_study
 
-    report = predict_study(input_path, model, out_dir, batch_size=batch_size, rotate=rotate,
-                           threshold=threshold, allow_identified=allow_identified)
+    report = predict_study(
+        input_path,
+        model,
+        out_dir,
+        batch_size=batch_size,
+        rotate=rotate,
+        threshold=threshold,
+        allow_identified=allow_identified,
+    )
     click.echo(format_summary(report))
     click.echo(f"outputs in {out_dir}")
 
@@ -376,8 +447,9 @@ def pipeline() -> None:
 
 
 @pipeline.command("compile")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Default: pipelines/train_pipeline.yaml")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None, help="Default: pipelines/train_pipeline.yaml"
+)
 @profile_option
 def pipeline_compile(out: Path | None, profile: str | None) -> None:
     """Compile pipelines/train_pipeline.py (the profile's parameters become the default params_json)."""
@@ -387,22 +459,35 @@ def pipeline_compile(out: Path | None, profile: str | None) -> None:
 
 
 @pipeline.command("run")
-@click.option("--local", is_flag=True, required=True, help="Run with kfp.local.SubprocessRunner (no cluster).")
+@click.option(
+    "--local", is_flag=True, required=True, help="Run with kfp.local.SubprocessRunner (no cluster)."
+)
 @profile_option
 @click.option("--data", "data_path", default=None, help="Data folder or s3:// DVC remote (default: data/).")
 @click.option("--data-version", default="", help="data.dvc md5 to fetch from an s3:// DVC remote.")
 @click.option("--pipeline-root", type=click.Path(path_type=Path), default=None)
 @click.option("--mlflow-uri", default=None, help="Tracking URI (default: $MLFLOW_TRACKING_URI or mlflow.db).")
-def pipeline_run(local: bool, profile: str | None, data_path: str | None, data_version: str,
-                 pipeline_root: Path | None, mlflow_uri: str | None) -> None:
+def pipeline_run(
+    local: bool,
+    profile: str | None,
+    data_path: str | None,
+    data_version: str,
+    pipeline_root: Path | None,
+    mlflow_uri: str | None,
+) -> None:
     """Run the same pipeline the cluster runs, task by task in local subprocesses."""
     import re
 
     from pipelines.runner import run_local
 
     try:
-        result = run_local(profile or "tiny", data_path, pipeline_root, data_version=data_version,
-                           mlflow_tracking_uri=mlflow_uri)
+        result = run_local(
+            profile or "tiny",
+            data_path,
+            pipeline_root,
+            data_version=data_version,
+            mlflow_tracking_uri=mlflow_uri,
+        )
     except RuntimeError as exc:
         plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
         click.echo(f"error: pipeline failed: {plain[-1] if plain else exc}", err=True)
@@ -420,12 +505,15 @@ def schedule() -> None:
 @schedule.command("create")
 @click.option("--cron", required=True, help="Cron expression, 5 fields (or KFP's 6 with seconds).")
 @click.option("--endpoint", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
-@click.option("--package", default="pipelines/train_pipeline.yaml", show_default=True, help="Compiled pipeline.")
+@click.option(
+    "--package", default="pipelines/train_pipeline.yaml", show_default=True, help="Compiled pipeline."
+)
 @click.option("--experiment", default="covseg", show_default=True)
 @click.option("--name", default="covseg-retrain", show_default=True)
 @click.option("--param", "params", multiple=True, help="Pipeline parameter KEY=VALUE (repeatable).")
-def schedule_create(cron: str, endpoint: str, package: str, experiment: str, name: str,
-                    params: tuple[str, ...]) -> None:
+def schedule_create(
+    cron: str, endpoint: str, package: str, experiment: str, name: str, params: tuple[str, ...]
+) -> None:
     """Create a recurring run (max concurrency 1, no catch-up) of the compiled pipeline."""
     from covseg.schedule import create_schedule
 
@@ -457,8 +545,12 @@ def audit(ctx: click.Context, name: str, fmt: str) -> None:
 @audit.command("diff")
 @click.argument("v1")
 @click.argument("v2")
-@click.option("--repo", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="git + DVC repository the versions were trained from. Default: this repo.")
+@click.option(
+    "--repo",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="git + DVC repository the versions were trained from. Default: this repo.",
+)
 @click.pass_context
 @_friendly_errors
 def audit_diff_cmd(ctx: click.Context, v1: str, v2: str, repo: Path | None) -> None:

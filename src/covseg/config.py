@@ -36,8 +36,9 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_params(profile: str | None = None, path: str | Path | None = None,
-                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def load_params(
+    profile: str | None = None, path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Return the `common` parameters overridden by `profile` (and then by `overrides`)."""
     path = Path(path) if path else repo_root() / "params.yaml"
     if not path.is_file():

@@ -33,9 +33,15 @@ def source_changes(source: str | Path, data_dir: str | Path) -> dict[str, list[s
 
     new, old = listing(Path(source)), listing(Path(data_dir))
     both = sorted(set(new) & set(old))
-    return {"added": sorted(set(new) - set(old)), "removed": sorted(set(old) - set(new)),
-            "changed": [k for k in both if new[k].stat().st_size != old[k].stat().st_size
-                        or sha256_file(new[k]) != sha256_file(old[k])]}
+    return {
+        "added": sorted(set(new) - set(old)),
+        "removed": sorted(set(old) - set(new)),
+        "changed": [
+            k
+            for k in both
+            if new[k].stat().st_size != old[k].stat().st_size or sha256_file(new[k]) != sha256_file(old[k])
+        ],
+    }
 
 
 def import_sources(source: str | Path, data_dir: str | Path, track: bool = True, update: bool = False) -> int:
@@ -55,8 +61,11 @@ def import_sources(source: str | Path, data_dir: str | Path, track: bool = True,
         raise InputError(source, "source folder is empty")
     if data_dir.exists() and any(data_dir.iterdir()):
         if not update:
-            raise InputError(data_dir, "already holds data; remove it first, import into another folder, "
-                                       "or pass --update to replace it with a newer source")
+            raise InputError(
+                data_dir,
+                "already holds data; remove it first, import into another folder, "
+                "or pass --update to replace it with a newer source",
+            )
         if not any(source_changes(source, data_dir).values()):
             return 0
     with atomic_dir(data_dir) as scratch:
@@ -104,7 +113,7 @@ def fetch_data(data_path: str, dest: str | Path, data_version: str = "", endpoin
         return folder
     import boto3
 
-    bucket, _, prefix = data_path[len("s3://"):].partition("/")
+    bucket, _, prefix = data_path[len("s3://") :].partition("/")
     prefix = prefix.strip("/")
     s3 = boto3.client("s3", endpoint_url=endpoint_url or None)
     dest = Path(dest)
@@ -138,7 +147,7 @@ def _prefix_listing(s3: Any, bucket: str, prefix: str, url: str) -> list[tuple[s
     files = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
         keys = [o["Key"] for o in page.get("Contents", []) if not o["Key"].endswith("/")]
-        files += [(key, key[len(base):], "") for key in keys]
+        files += [(key, key[len(base) :], "") for key in keys]
     if not files:
         raise InputError(url, "no objects under this S3 prefix")
     return files

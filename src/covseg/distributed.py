@@ -55,8 +55,9 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> bool:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        dist.init_process_group(backend or ("nccl" if cuda else "gloo"),
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend or ("nccl" if cuda else "gloo"), timeout=datetime.timedelta(seconds=timeout_s)
+        )
     return is_distributed()
 
 
@@ -129,7 +130,7 @@ def sync_gradients(model: nn.Module, optimizer: torch.optim.Optimizer) -> Any:
         offset = 0
         for p in params:
             n = p.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
             offset += n
 
     return optimizer.register_step_pre_hook(pre_step)

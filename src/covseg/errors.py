@@ -24,5 +24,7 @@ class GateFailed(RuntimeError):
 
     def __init__(self, gate: str, failures: list[str], report: Path):
         self.gate, self.failures, self.report = gate, failures, report
-        super().__init__(f"gate {gate} failed ({len(failures)} expectation(s)); report: {report}\n  - "
-                         + "\n  - ".join(failures))
+        super().__init__(
+            f"gate {gate} failed ({len(failures)} expectation(s)); report: {report}\n  - "
+            + "\n  - ".join(failures)
+        )

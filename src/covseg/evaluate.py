@@ -29,9 +29,16 @@ def _read_mask(ingest_dir: Path, row: pd.Series) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(ingest_dir / row["mask_file"]))) > 127
 
 
-def evaluate_pipeline(ingest_dir: str | Path, lungs_dir: str | Path, coarse_dir: str | Path,
-                      mil_dir: str | Path, segment_dir: str | Path, refine_dir: str | Path | None = None,
-                      figure: str | Path | None = None, prior: dict[str, Any] | None = None) -> dict[str, Any]:
+def evaluate_pipeline(
+    ingest_dir: str | Path,
+    lungs_dir: str | Path,
+    coarse_dir: str | Path,
+    mil_dir: str | Path,
+    segment_dir: str | Path,
+    refine_dir: str | Path | None = None,
+    figure: str | Path | None = None,
+    prior: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Table-1 rows on the evaluation split, in each slice's own geometry: coarse, fine, `round0` (the
     segmenter stage), each refinement round and `final` (the model the refine stage kept; the segmenter
     stage's model when there is no `refine_dir`).
@@ -52,6 +59,7 @@ def evaluate_pipeline(ingest_dir: str | Path, lungs_dir: str | Path, coarse_dir:
     # coarse and fine rows score the labels themselves (binary), so both thresholds give the same row
     coarse = coarse_npz["coarse"][positions].astype(np.float32)
     fine = np.load(Path(mil_dir) / FINE)["fine"][positions].astype(np.float32)
+
     def predict(model_dir: str | Path) -> np.ndarray:
         model = load_segmenter(model_dir)[0].to(device())
         return segment_canonical(model, slices.images[positions], slices.lungs[positions])
@@ -66,31 +74,56 @@ def evaluate_pipeline(ingest_dir: str | Path, lungs_dir: str | Path, coarse_dir:
     table = {}
     rows_to_score = [("coarse", coarse), ("fine", fine), *rounds, ("final", final)]
     if prior is not None:
-        rows_to_score.append(("prior", (lesion_prior(slices.images[positions], prior)
-                                        & slices.lungs[positions]).astype(np.float32)))
+        rows_to_score.append(
+            (
+                "prior",
+                (lesion_prior(slices.images[positions], prior) & slices.lungs[positions]).astype(np.float32),
+            )
+        )
     for name, maps in rows_to_score:
         table[name] = summarise([from_canonical(m, g) for m, g in zip(maps, geos, strict=True)], truths)
     table["cam_inside_vs_outside"] = cam_contrast(cam, slices.lungs[positions], truths, geos)
     if figure:
-        _panel(figure, slices.images[positions], cam, coarse, fine, final, truths, geos, rows["case_id"].tolist())
+        _panel(
+            figure, slices.images[positions], cam, coarse, fine, final, truths, geos, rows["case_id"].tolist()
+        )
     return table
 
 
-def _panel(path: str | Path, images: np.ndarray, cam: np.ndarray, coarse: np.ndarray, fine: np.ndarray,
-           final: np.ndarray,
-           truths: list[np.ndarray], geos: list, names: list[str], n: int = 4) -> None:
+def _panel(
+    path: str | Path,
+    images: np.ndarray,
+    cam: np.ndarray,
+    coarse: np.ndarray,
+    fine: np.ndarray,
+    final: np.ndarray,
+    truths: list[np.ndarray],
+    geos: list,
+    names: list[str],
+    n: int = 4,
+) -> None:
     from covseg import report
     from covseg.harmonise import to_canonical
 
     pick = np.linspace(0, len(images) - 1, min(n, len(images))).round().astype(int)
     truth_c = np.stack([to_canonical(truths[i].astype(np.float32), geos[i], mode="nearest") for i in pick])
-    figure = report.method_panel(images[pick], {
-        "Grad-CAM": cam[pick], "coarse": coarse[pick], "fine": fine[pick],
-        "final": (final[pick] >= 0.5).astype(float), "ground truth": truth_c}, [names[i][-14:] for i in pick])
+    figure = report.method_panel(
+        images[pick],
+        {
+            "Grad-CAM": cam[pick],
+            "coarse": coarse[pick],
+            "fine": fine[pick],
+            "final": (final[pick] >= 0.5).astype(float),
+            "ground truth": truth_c,
+        },
+        [names[i][-14:] for i in pick],
+    )
     report.save(figure, path)
 
 
-def cam_contrast(cam: np.ndarray, lungs: np.ndarray, truths: list[np.ndarray], geos: list) -> dict[str, float]:
+def cam_contrast(
+    cam: np.ndarray, lungs: np.ndarray, truths: list[np.ndarray], geos: list
+) -> dict[str, float]:
     """Mean Grad-CAM inside the radiologist's lesions vs inside the lungs outside them (a shortcut check:
     a classifier that learned the source, not the lesion, shows no contrast)."""
     inside, outside = [], []
@@ -103,7 +136,9 @@ def cam_contrast(cam: np.ndarray, lungs: np.ndarray, truths: list[np.ndarray], g
     return {"inside": float(np.mean(inside)), "outside": float(np.mean(outside))}
 
 
-def evaluate_folder(model: str | Path, data: str | Path, rotate: int = 0, domain: str = "8bit") -> dict[str, Any]:
+def evaluate_folder(
+    model: str | Path, data: str | Path, rotate: int = 0, domain: str = "8bit"
+) -> dict[str, Any]:
     """Metrics of a model on `data/images/*` vs `data/masks/<stem>.png` (masks binarised at >127)."""
     from covseg.predict import LesionSegmenter
 

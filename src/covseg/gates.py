@@ -63,8 +63,14 @@ def run_gate(name: str, tables: dict[str, pd.DataFrame], checks: list[Check], re
         result = batch.get_batch(batch_parameters={"dataframe": frame}).validate(suite)
         for check, outcome in zip(table_checks, result.results, strict=True):
             detail = _summary(outcome) if not outcome.success else "ok"
-            records.append({"check": check.describe(), "success": bool(outcome.success), "detail": detail,
-                            "rows": len(frame)})
+            records.append(
+                {
+                    "check": check.describe(),
+                    "success": bool(outcome.success),
+                    "detail": detail,
+                    "rows": len(frame),
+                }
+            )
             if not outcome.success:
                 failures.append(f"{check.describe()}: {detail}")
     missing = sorted({c.table for c in checks} - set(tables))
@@ -83,7 +89,9 @@ def gate0_checks(params: dict[str, Any]) -> list[Check]:
     spacing = {"min_value": g["spacing_min_mm"], "max_value": g["spacing_max_mm"]}
     checks = [
         Check("slices", "ExpectColumnValuesToBeUnique", {"column": "case_id"}),
-        Check("slices", "ExpectColumnValuesToBeBetween", {"column": "nan_count", "min_value": 0, "max_value": 0}),
+        Check(
+            "slices", "ExpectColumnValuesToBeBetween", {"column": "nan_count", "min_value": 0, "max_value": 0}
+        ),
         Check("hu", "ExpectColumnValuesToBeBetween", {"column": "pix_min", "min_value": g["hu_min"]}),
         Check("hu", "ExpectColumnValuesToBeBetween", {"column": "pix_max", "max_value": g["hu_max"]}),
         Check("8bit", "ExpectColumnValuesToBeBetween", {"column": "pix_min", "min_value": 0}),
@@ -95,8 +103,10 @@ def gate0_checks(params: dict[str, Any]) -> list[Check]:
         Check("hashes", "ExpectColumnMaxToBeBetween", {"column": "n_splits", "max_value": 1}),
         Check("volumes", "ExpectColumnMaxToBeBetween", {"column": "n_splits", "max_value": 1}),
     ]
-    checks += [Check("hu", "ExpectColumnValuesToBeBetween", {"column": f"spacing_{axis}", **spacing})
-               for axis in "xyz"]
+    checks += [
+        Check("hu", "ExpectColumnValuesToBeBetween", {"column": f"spacing_{axis}", **spacing})
+        for axis in "xyz"
+    ]
     return checks
 
 
@@ -109,7 +119,11 @@ def gate0_tables(manifest: pd.DataFrame) -> dict[str, pd.DataFrame]:
         "8bit": manifest[manifest["domain"] == "8bit"],
         "labelled": manifest[manifest["role"] == "train"],
         "eval": manifest[manifest["role"] == "eval"],
-        "hashes": manifest.assign(h=raw_hash).groupby("h")["split"].nunique().rename("n_splits").reset_index(),
+        "hashes": manifest.assign(h=raw_hash)
+        .groupby("h")["split"]
+        .nunique()
+        .rename("n_splits")
+        .reset_index(),
         "volumes": manifest.groupby("volume_id")["split"].nunique().rename("n_splits").reset_index(),
     }
 
@@ -117,16 +131,30 @@ def gate0_tables(manifest: pd.DataFrame) -> dict[str, pd.DataFrame]:
 def label_gate_checks(gate: dict[str, Any]) -> list[Check]:
     """Gates A and B: per-slice statistics of coarse / fine labels, plus a model-quality floor."""
     return [
-        Check("labels", "ExpectColumnMeanToBeBetween", {"column": "area_fraction_of_lung",
-                                                        "min_value": gate["area_min"], "max_value": gate["area_max"]}),
-        Check("labels", "ExpectColumnValuesToBeBetween", {"column": "inside_lung_fraction", "min_value": 1.0}),
-        Check("labels", "ExpectColumnMeanToBeBetween", {"column": "empty", "max_value": gate["max_empty_share"]}),
+        Check(
+            "labels",
+            "ExpectColumnMeanToBeBetween",
+            {"column": "area_fraction_of_lung", "min_value": gate["area_min"], "max_value": gate["area_max"]},
+        ),
+        Check(
+            "labels", "ExpectColumnValuesToBeBetween", {"column": "inside_lung_fraction", "min_value": 1.0}
+        ),
+        Check(
+            "labels", "ExpectColumnMeanToBeBetween", {"column": "empty", "max_value": gate["max_empty_share"]}
+        ),
         Check("labels", "ExpectColumnValuesToBeInSet", {"column": "label", "value_set": [1]}),
-        Check("quality", "ExpectColumnValuesToBeBetween", {"column": "value", "min_value": gate["quality_floor"]}),
+        Check(
+            "quality",
+            "ExpectColumnValuesToBeBetween",
+            {"column": "value", "min_value": gate["quality_floor"]},
+        ),
     ]
 
 
 def label_gate_tables(stats: pd.DataFrame, quality: dict[str, float]) -> dict[str, pd.DataFrame]:
     """Tables for gates A/B: the label statistics of training/validation slices and the quality numbers."""
     labels = stats[stats["split"].isin(["train", "val"])].assign(empty=lambda f: f["empty"].astype(float))
-    return {"labels": labels, "quality": pd.DataFrame({"metric": list(quality), "value": list(quality.values())})}
+    return {
+        "labels": labels,
+        "quality": pd.DataFrame({"metric": list(quality), "value": list(quality.values())}),
+    }

@@ -96,8 +96,9 @@ def crop_geometry(body: np.ndarray, lung: np.ndarray, size: int) -> Geometry:
     if lung_box is None:
         r0, r1, c0, c1 = body_box
         side = body_span
-        return Geometry(height, width, r0, r1, c0, c1, side, size, (side - (r1 - r0)) // 2,
-                        (side - (c1 - c0)) // 2)
+        return Geometry(
+            height, width, r0, r1, c0, c1, side, size, (side - (r1 - r0)) // 2, (side - (c1 - c0)) // 2
+        )
     lung_span = max(lung_box[1] - lung_box[0], lung_box[3] - lung_box[2])
     side = max(int(round(LUNG_SPAN * lung_span)), int(round(MIN_BODY_SPAN * body_span)), 8)
     top = (lung_box[0] + lung_box[1]) // 2 - side // 2
@@ -115,14 +116,19 @@ def to_canonical(array: np.ndarray, geo: Geometry, mode: str = "bilinear") -> np
     """Crop, pad to a square and resize a slice (or a mask with mode='nearest') to size x size."""
     square = np.zeros((geo.side, geo.side), dtype=np.float32)
     pr, pc = _pad_offsets(geo)
-    crop = array[geo.r0:geo.r1, geo.c0:geo.c1].astype(np.float32)
-    square[pr:pr + crop.shape[0], pc:pc + crop.shape[1]] = crop
+    crop = array[geo.r0 : geo.r1, geo.c0 : geo.c1].astype(np.float32)
+    square[pr : pr + crop.shape[0], pc : pc + crop.shape[1]] = crop
     tensor = torch.from_numpy(square)[None, None]
     if mode == "nearest":
         out = F.interpolate(tensor, size=(geo.size, geo.size), mode="nearest")
     else:
-        out = F.interpolate(tensor, size=(geo.size, geo.size), mode="bilinear", align_corners=False,
-                            antialias=geo.side > geo.size)
+        out = F.interpolate(
+            tensor,
+            size=(geo.size, geo.size),
+            mode="bilinear",
+            align_corners=False,
+            antialias=geo.side > geo.size,
+        )
     return out[0, 0].numpy()
 
 
@@ -132,7 +138,9 @@ def from_canonical(canonical: np.ndarray, geo: Geometry) -> np.ndarray:
     square = F.interpolate(tensor, size=(geo.side, geo.side), mode="bilinear", align_corners=False)[0, 0]
     pr, pc = _pad_offsets(geo)
     out = np.zeros((geo.height, geo.width), dtype=np.float32)
-    out[geo.r0:geo.r1, geo.c0:geo.c1] = square[pr:pr + geo.r1 - geo.r0, pc:pc + geo.c1 - geo.c0].numpy()
+    out[geo.r0 : geo.r1, geo.c0 : geo.c1] = square[
+        pr : pr + geo.r1 - geo.r0, pc : pc + geo.c1 - geo.c0
+    ].numpy()
     return out
 
 

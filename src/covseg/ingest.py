@@ -74,8 +74,12 @@ class SliceRow:
 def _slice_stats(array: np.ndarray) -> dict[str, float]:
     finite = np.isfinite(array)
     values = array[finite] if not finite.all() else array
-    return {"pix_min": float(values.min()), "pix_max": float(values.max()),
-            "pix_mean": float(values.mean()), "nan_count": int((~finite).sum())}
+    return {
+        "pix_min": float(values.min()),
+        "pix_max": float(values.max()),
+        "pix_mean": float(values.mean()),
+        "nan_count": int((~finite).sum()),
+    }
 
 
 LOBES = {"left": ("lesion_LUL", "lesion_LLL"), "right": ("lesion_RUL", "lesion_RML", "lesion_RLL")}
@@ -100,8 +104,10 @@ def _lung_labels(row: dict[str, str], lesion: int, where: str) -> tuple[int, int
             raise ValueError(f"{where}: lobe labels must be 0 or 1, got {values}")
         sides.append(max(values))
     if max(sides) != lesion:
-        raise ValueError(f"{where}: lesion={lesion} but the lobe columns say {max(sides)} "
-                         "(a slice with a lesion needs a lobe with one, and a clean slice clean lobes)")
+        raise ValueError(
+            f"{where}: lesion={lesion} but the lobe columns say {max(sides)} "
+            "(a slice with a lesion needs a lobe with one, and a clean slice clean lobes)"
+        )
     return sides[0], sides[1]
 
 
@@ -123,8 +129,10 @@ def _read_labels(path: Path, index_column: str) -> dict[tuple[str, int], SliceLa
                 lesion = int(row["lesion"])
                 key = (row["case"], int(row[index_column]))
             except (KeyError, TypeError, ValueError) as exc:
-                raise InputError(path, f"line {number}: needs columns case, {index_column}, lesion "
-                                       f"with integer values ({exc})") from exc
+                raise InputError(
+                    path,
+                    f"line {number}: needs columns case, {index_column}, lesion with integer values ({exc})",
+                ) from exc
             if lesion not in (0, 1):
                 raise InputError(path, f"line {number}: lesion must be 0 or 1, got {lesion}")
             if not present:
@@ -137,8 +145,9 @@ def _read_labels(path: Path, index_column: str) -> dict[tuple[str, int], SliceLa
     return labels
 
 
-def _dicom_rows(dataset: str, folder: Path, cfg: dict[str, Any], out: Path,
-                allow_identified: bool) -> Iterator[SliceRow]:
+def _dicom_rows(
+    dataset: str, folder: Path, cfg: dict[str, Any], out: Path, allow_identified: bool
+) -> Iterator[SliceRow]:
     labels_path = folder / cfg["labels"]
     labels = _read_labels(labels_path, "instance_number")
     cases = sorted(p for p in folder.iterdir() if p.is_dir())
@@ -153,13 +162,31 @@ def _dicom_rows(dataset: str, folder: Path, cfg: dict[str, Any], out: Path,
         for z, (instance, dcm) in enumerate(zip(series.instance_numbers, series.files, strict=True)):
             label = labels.get((case.name, instance))
             if label is None:
-                raise InputError(dcm, f"no label for case {case.name} instance {instance} in {labels_path.name}")
-            yield SliceRow(case_id=f"{dataset}__{case.name}__{z:04d}", dataset=dataset, source=dataset,
-                           volume_id=f"{dataset}__{case.name}", slice_index=z, label=label.lesion,
-                           lesion_left=label.left, lesion_right=label.right, domain="hu",
-                           spacing_x=sx, spacing_y=sy, spacing_z=sz, height=array.shape[1],
-                           width=array.shape[2], file=rel, z=z, sha256=sha256_file(dcm), raw_path=str(dcm),
-                           role=cfg["role"], **_slice_stats(array[z]))
+                raise InputError(
+                    dcm, f"no label for case {case.name} instance {instance} in {labels_path.name}"
+                )
+            yield SliceRow(
+                case_id=f"{dataset}__{case.name}__{z:04d}",
+                dataset=dataset,
+                source=dataset,
+                volume_id=f"{dataset}__{case.name}",
+                slice_index=z,
+                label=label.lesion,
+                lesion_left=label.left,
+                lesion_right=label.right,
+                domain="hu",
+                spacing_x=sx,
+                spacing_y=sy,
+                spacing_z=sz,
+                height=array.shape[1],
+                width=array.shape[2],
+                file=rel,
+                z=z,
+                sha256=sha256_file(dcm),
+                raw_path=str(dcm),
+                role=cfg["role"],
+                **_slice_stats(array[z]),
+            )
 
 
 def _nifti_rows(dataset: str, folder: Path, cfg: dict[str, Any], out: Path) -> Iterator[SliceRow]:
@@ -178,12 +205,28 @@ def _nifti_rows(dataset: str, folder: Path, cfg: dict[str, Any], out: Path) -> I
         digest = sha256_file(path)
         for z in range(array.shape[0]):
             label = labels.get((name, z), SliceLabel(UNKNOWN))
-            yield SliceRow(case_id=f"{dataset}__{name}__{z:04d}", dataset=dataset, source=dataset,
-                           volume_id=f"{dataset}__{name}", slice_index=z, label=label.lesion,
-                           lesion_left=label.left, lesion_right=label.right, domain="hu", spacing_x=sx, spacing_y=sy,
-                           spacing_z=sz, height=array.shape[1], width=array.shape[2], file=rel, z=z,
-                           sha256=f"{digest}:{z}", raw_path=str(path), role=cfg["role"],
-                           **_slice_stats(array[z]))
+            yield SliceRow(
+                case_id=f"{dataset}__{name}__{z:04d}",
+                dataset=dataset,
+                source=dataset,
+                volume_id=f"{dataset}__{name}",
+                slice_index=z,
+                label=label.lesion,
+                lesion_left=label.left,
+                lesion_right=label.right,
+                domain="hu",
+                spacing_x=sx,
+                spacing_y=sy,
+                spacing_z=sz,
+                height=array.shape[1],
+                width=array.shape[2],
+                file=rel,
+                z=z,
+                sha256=f"{digest}:{z}",
+                raw_path=str(path),
+                role=cfg["role"],
+                **_slice_stats(array[z]),
+            )
 
 
 def _subsource(stem: str, cfg: dict[str, Any], path: Path) -> tuple[str, int]:
@@ -195,7 +238,9 @@ def _subsource(stem: str, cfg: dict[str, Any], path: Path) -> tuple[str, int]:
 
 def _slice_rows(dataset: str, folder: Path, cfg: dict[str, Any], out: Path) -> Iterator[SliceRow]:
     images = folder / cfg.get("images", "images")
-    files = sorted(p for p in images.iterdir() if p.suffix.lower() in SLICE_SUFFIXES) if images.is_dir() else []
+    files = (
+        sorted(p for p in images.iterdir() if p.suffix.lower() in SLICE_SUFFIXES) if images.is_dir() else []
+    )
     if not files:
         raise InputError(images, "no PNG/JPEG slices")
     pattern = re.compile(cfg["volume_pattern"])
@@ -211,17 +256,33 @@ def _slice_rows(dataset: str, folder: Path, cfg: dict[str, Any], out: Path) -> I
             mask_path = folder / cfg["masks"] / f"{path.stem}.png"
             mask = np.rot90(read_mask(mask_path, array.shape), rotate)
             mask_rel = f"masks/{dataset}__{path.stem}.png"
-            sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(mask).astype(np.uint8) * 255),
-                            str(out / mask_rel))
+            sitk.WriteImage(
+                sitk.GetImageFromArray(np.ascontiguousarray(mask).astype(np.uint8) * 255), str(out / mask_rel)
+            )
         array = np.ascontiguousarray(np.rot90(array, rotate))
         rel = f"cases/{dataset}__{path.stem}.nii.gz"
         sitk.WriteImage(sitk.GetImageFromArray(array), str(out / rel), useCompression=True)
-        yield SliceRow(case_id=f"{dataset}__{path.stem}", dataset=dataset, source=source,
-                       volume_id=f"{dataset}__{match['volume']}", slice_index=int(match["index"]),
-                       label=label, domain="8bit", spacing_x=math.nan, spacing_y=math.nan,
-                       spacing_z=math.nan, height=array.shape[0], width=array.shape[1], file=rel, z=0,
-                       sha256=sha256_file(path), raw_path=str(path), mask_file=mask_rel, role=cfg["role"],
-                       **_slice_stats(array))
+        yield SliceRow(
+            case_id=f"{dataset}__{path.stem}",
+            dataset=dataset,
+            source=source,
+            volume_id=f"{dataset}__{match['volume']}",
+            slice_index=int(match["index"]),
+            label=label,
+            domain="8bit",
+            spacing_x=math.nan,
+            spacing_y=math.nan,
+            spacing_z=math.nan,
+            height=array.shape[0],
+            width=array.shape[1],
+            file=rel,
+            z=0,
+            sha256=sha256_file(path),
+            raw_path=str(path),
+            mask_file=mask_rel,
+            role=cfg["role"],
+            **_slice_stats(array),
+        )
 
 
 def assign_splits(frame: pd.DataFrame, val_fraction: float, salt: str) -> pd.Series:
@@ -284,6 +345,7 @@ def read_manifest(ingest_dir: str | Path) -> pd.DataFrame:
 
 def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Counts of slices and volumes per source, split and label (what `make run` prints)."""
-    table = frame.groupby(["source", "split", "label"]).agg(slices=("case_id", "size"),
-                                                           volumes=("volume_id", "nunique"))
+    table = frame.groupby(["source", "split", "label"]).agg(
+        slices=("case_id", "size"), volumes=("volume_id", "nunique")
+    )
     return table.reset_index()

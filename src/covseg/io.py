@@ -102,8 +102,11 @@ def check_dicom_header(path: Path, reader: sitk.ImageFileReader, allow_identifie
         return
     present = [name for tag, name in IDENTIFYING_TAGS.items() if _tag(reader, tag)]
     if present:
-        raise InputError(path, f"DICOM header carries patient identity ({', '.join(present)}) and "
-                               "PatientIdentityRemoved is not YES; de-identify it first")
+        raise InputError(
+            path,
+            f"DICOM header carries patient identity ({', '.join(present)}) and "
+            "PatientIdentityRemoved is not YES; de-identify it first",
+        )
 
 
 def check_spacing(path: Path, spacing: list[float]) -> None:
@@ -156,8 +159,12 @@ def read_dicom_series(folder: str | Path, allow_identified: bool = False) -> Dic
     # Reorientation may flip the slice axis: order the files as the oriented volume's z index runs.
     names.sort(key=lambda n: image.TransformPhysicalPointToContinuousIndex(_position(headers[n]))[2])
     instances = [int(_tag(headers[n], TAG_INSTANCE_NUMBER) or -1) for n in names]
-    return DicomSeries(image=sitk.Cast(image, sitk.sitkInt16), instance_numbers=instances, files=names,
-                       file_orientation=file_orientation)
+    return DicomSeries(
+        image=sitk.Cast(image, sitk.sitkInt16),
+        instance_numbers=instances,
+        files=names,
+        file_orientation=file_orientation,
+    )
 
 
 def _position(reader: sitk.ImageFileReader) -> list[float]:
@@ -174,8 +181,11 @@ def _check_positions(folder: Path, names: list[str], positions: list[list[float]
         raise InputError(folder, "two slices share one position (duplicated slice)")
     if steps.max() > 1.5 * steps.min():
         gap = int(np.argmax(steps))
-        raise InputError(folder, f"gap in slice positions after {Path(names[gap]).name} "
-                                 f"({steps[gap]:.1f} mm vs {steps.min():.1f} mm): missing slices")
+        raise InputError(
+            folder,
+            f"gap in slice positions after {Path(names[gap]).name} "
+            f"({steps[gap]:.1f} mm vs {steps.min():.1f} mm): missing slices",
+        )
 
 
 def _nifti_bytes(path: Path) -> int:
@@ -222,7 +232,9 @@ def _nifti_nonfinite(path: Path) -> int:
     with _open_nifti(path) as handle:
         header = handle.read(348)
         order = _nifti1_order(header)
-        kind = None if order is None else _NIFTI_FLOAT_TYPES.get(struct.unpack_from(f"{order}h", header, 70)[0])
+        kind = (
+            None if order is None else _NIFTI_FLOAT_TYPES.get(struct.unpack_from(f"{order}h", header, 70)[0])
+        )
         if kind is None:
             return 0
         offset = int(struct.unpack_from(f"{order}f", header, 108)[0])
@@ -245,8 +257,11 @@ def read_volume(path: str | Path) -> sitk.Image:
     except RuntimeError as exc:
         raise InputError(path, "not a readable NIfTI volume") from exc
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(path, f"expected a 3-D scalar volume, got {image.GetDimension()}-D with "
-                               f"{image.GetNumberOfComponentsPerPixel()} component(s)")
+        raise InputError(
+            path,
+            f"expected a 3-D scalar volume, got {image.GetDimension()}-D with "
+            f"{image.GetNumberOfComponentsPerPixel()} component(s)",
+        )
     # ITK zero-fills the voxels missing from a truncated file: compare the bytes with the header's needs.
     header = {k: float(reader.GetMetaData(k)) for k in ("vox_offset", "bitpix") if reader.HasMetaDataKey(k)}
     need = int(header.get("vox_offset", 0) + image.GetNumberOfPixels() * header.get("bitpix", 0) // 8)
@@ -284,8 +299,9 @@ def read_slice(path: str | Path) -> np.ndarray:
             if handle.read() != b"\xff\xd9":
                 raise InputError(path, "truncated JPEG (no end-of-image marker)")
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(path, f"expected a greyscale slice, got {image.GetNumberOfComponentsPerPixel()} "
-                               "channels (RGB?)")
+        raise InputError(
+            path, f"expected a greyscale slice, got {image.GetNumberOfComponentsPerPixel()} channels (RGB?)"
+        )
     if image.GetPixelID() != sitk.sitkUInt8:
         raise InputError(path, f"expected 8-bit pixels, got {image.GetPixelIDTypeAsString()}")
     array = sitk.GetArrayFromImage(image)
@@ -381,7 +397,9 @@ def input_kind(path: Path) -> str:
     """What a user's input is: 'dicom' (a series folder), 'nifti' (.nii/.nii.gz) or 'slice' (PNG/JPEG)."""
     name = path.name.lower()
     if not path.exists():
-        raise InputError(path, "input not found (expected a DICOM series folder, a NIfTI volume or a PNG/JPEG slice)")
+        raise InputError(
+            path, "input not found (expected a DICOM series folder, a NIfTI volume or a PNG/JPEG slice)"
+        )
     if path.is_dir():
         return "dicom"
     if name.endswith(VOLUME_SUFFIXES):
@@ -390,8 +408,11 @@ def input_kind(path: Path) -> str:
         return "slice"
     if name.endswith(".dcm"):
         raise InputError(path, "give the folder of the DICOM series, not one of its files")
-    raise InputError(path, f"unsupported input {path.suffix!r}: expected a DICOM series folder, .nii/.nii.gz, "
-                           f"or {'/'.join(SLICE_SUFFIXES)}")
+    raise InputError(
+        path,
+        f"unsupported input {path.suffix!r}: expected a DICOM series folder, .nii/.nii.gz, "
+        f"or {'/'.join(SLICE_SUFFIXES)}",
+    )
 
 
 def nifti_geometry(path: Path) -> dict[str, Any]:
@@ -402,9 +423,13 @@ def nifti_geometry(path: Path) -> dict[str, Any]:
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
     direction = reader.GetDirection()
-    return {"size": list(reader.GetSize()), "spacing": list(reader.GetSpacing()), "origin": list(reader.GetOrigin()),
-            "direction": list(direction),
-            "orientation": sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(direction)}
+    return {
+        "size": list(reader.GetSize()),
+        "spacing": list(reader.GetSpacing()),
+        "origin": list(reader.GetOrigin()),
+        "direction": list(direction),
+        "orientation": sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(direction),
+    }
 
 
 def read_study(input_path: str | Path, rotate: int = 0, allow_identified: bool = False) -> Study:
@@ -425,15 +450,27 @@ def read_study(input_path: str | Path, rotate: int = 0, allow_identified: bool =
         raise InputError(path, "--rotate applies to 2-D slices only (volumes are oriented from their header)")
     if kind == "dicom":
         series = read_dicom_series(path, allow_identified=allow_identified)
-        study = Study(path, kind, sitk.GetArrayFromImage(series.image), "hu", image=series.image, series=series,
-                      headers=read_dicom_headers(series.files))
+        study = Study(
+            path,
+            kind,
+            sitk.GetArrayFromImage(series.image),
+            "hu",
+            image=series.image,
+            series=series,
+            headers=read_dicom_headers(series.files),
+        )
     else:
         volume = read_volume(path)
-        study = Study(path, kind, sitk.GetArrayFromImage(volume), "hu", image=volume, header=nifti_geometry(path))
+        study = Study(
+            path, kind, sitk.GetArrayFromImage(volume), "hu", image=volume, header=nifti_geometry(path)
+        )
     lowest = float(study.slices.min())
     if lowest > HU_AIR_MAX:
-        raise InputError(path, f"does not look like Hounsfield units (minimum {lowest:.0f}, "
-                               f"expected air below {HU_AIR_MAX:.0f} HU)")
+        raise InputError(
+            path,
+            f"does not look like Hounsfield units (minimum {lowest:.0f}, "
+            f"expected air below {HU_AIR_MAX:.0f} HU)",
+        )
     return study
 
 
@@ -482,7 +519,7 @@ def _remove_stale_scratch(target: Path) -> None:
     """Delete `.<name>.tmp-<pid>-*` / `.<name>.old-<pid>` siblings of `target` whose process is gone."""
     for kind in ("tmp", "old"):
         for leftover in target.parent.glob(f".{target.name}.{kind}-*"):
-            pid = leftover.name[len(f".{target.name}.{kind}-"):].split("-")[0]
+            pid = leftover.name[len(f".{target.name}.{kind}-") :].split("-")[0]
             if pid.isdigit() and not _pid_alive(int(pid)):
                 shutil.rmtree(leftover, ignore_errors=True)
 

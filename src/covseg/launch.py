@@ -32,9 +32,11 @@ def download_prefix(url: str, folder: str | os.PathLike, endpoint_url: str = "")
 
     client, (bucket, prefix) = _s3(endpoint_url), _split(url)
     n = 0
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""):
+    for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""
+    ):
         for obj in page.get("Contents", []):
-            target = Path(folder, obj["Key"][len(prefix):].lstrip("/"))
+            target = Path(folder, obj["Key"][len(prefix) :].lstrip("/"))
             target.parent.mkdir(parents=True, exist_ok=True)
             client.download_file(bucket, obj["Key"], str(target))
             n += 1
@@ -53,9 +55,16 @@ def upload_folder(folder: str | os.PathLike, url: str, endpoint_url: str = "") -
     return len(files)
 
 
-def run_stage(name: str, artifacts: str | os.PathLike, data: str | os.PathLike, params: dict[str, Any],
-              inputs: dict[str, str] | None = None, output_uri: str = "", checkpoint_root: str = "",
-              endpoint_url: str = "") -> Any:
+def run_stage(
+    name: str,
+    artifacts: str | os.PathLike,
+    data: str | os.PathLike,
+    params: dict[str, Any],
+    inputs: dict[str, str] | None = None,
+    output_uri: str = "",
+    checkpoint_root: str = "",
+    endpoint_url: str = "",
+) -> Any:
     """Run one training stage on every rank (`covseg.layout.run_stage`): rank 0 into `artifacts`, the other
     ranks into a throw-away folder holding links to the same inputs, with tracking off, so that only rank 0
     writes outputs, metrics and MLflow runs.
@@ -119,17 +128,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("artifacts")
     parser.add_argument("data")
     parser.add_argument("params", help="the resolved params: a JSON file, or the JSON itself")
-    parser.add_argument("--input", action="append", default=[], metavar="NAME=S3_URL",
-                        help="download an input artifact (e.g. lungs=s3://bucket/run/lungs) before the stage")
+    parser.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=S3_URL",
+        help="download an input artifact (e.g. lungs=s3://bucket/run/lungs) before the stage",
+    )
     parser.add_argument("--output-uri", default="", help="rank 0 uploads the stage's output folder here")
     parser.add_argument("--checkpoint-root", default="", help="durable epoch checkpoints (s3:// or a folder)")
-    parser.add_argument("--s3-endpoint-url", default="", help="S3 endpoint (MinIO); empty: AWS / $AWS_ENDPOINT_URL")
+    parser.add_argument(
+        "--s3-endpoint-url", default="", help="S3 endpoint (MinIO); empty: AWS / $AWS_ENDPOINT_URL"
+    )
     parser.add_argument("--result", help="rank 0 writes the stage's result here as JSON")
     args = parser.parse_args(argv)
     text = args.params if args.params.lstrip().startswith("{") else Path(args.params).read_text()
     inputs = dict(item.split("=", 1) for item in args.input)
-    result = run_stage(args.stage, args.artifacts, args.data, json.loads(text), inputs, args.output_uri,
-                       args.checkpoint_root, args.s3_endpoint_url)
+    result = run_stage(
+        args.stage,
+        args.artifacts,
+        args.data,
+        json.loads(text),
+        inputs,
+        args.output_uri,
+        args.checkpoint_root,
+        args.s3_endpoint_url,
+    )
     if args.result and int(os.environ.get("RANK", "0")) == 0:
         Path(args.result).write_text(json.dumps(result, indent=2, default=float))
 

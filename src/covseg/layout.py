@@ -66,9 +66,16 @@ def run_stage(name: str, artifacts: str | Path, data: str | Path, params: dict[s
     return getattr(stages, name)(*args)
 
 
-def run_all(artifacts: str | Path, data: str | Path, params: dict[str, Any], until: str = "evaluate",
-            start: str = "ingest") -> dict[str, Any]:
+def run_all(
+    artifacts: str | Path,
+    data: str | Path,
+    params: dict[str, Any],
+    until: str = "evaluate",
+    start: str = "ingest",
+) -> dict[str, Any]:
     """Run the stages from `start` to `until` (inclusive) in order; returns each stage's result."""
     names = [s.name for s in STAGES]
-    return {name: run_stage(name, artifacts, data, params)
-            for name in names[names.index(start):names.index(until) + 1]}
+    return {
+        name: run_stage(name, artifacts, data, params)
+        for name in names[names.index(start) : names.index(until) + 1]
+    }

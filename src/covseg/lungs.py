@@ -86,8 +86,11 @@ def _filter(cls: type, **settings: object) -> sitk.ImageFilter:
 
 def _cc(mask: np.ndarray, full: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Label components (8-connected if full, else 4), largest first; returns (labels, sizes)."""
-    arr = sitk.GetArrayFromImage(_filter(sitk.ConnectedComponentImageFilter, FullyConnected=full).Execute(
-        sitk.GetImageFromArray(mask.astype(np.uint8))))
+    arr = sitk.GetArrayFromImage(
+        _filter(sitk.ConnectedComponentImageFilter, FullyConnected=full).Execute(
+            sitk.GetImageFromArray(mask.astype(np.uint8))
+        )
+    )
     sizes = np.bincount(arr.ravel())
     order = np.argsort(-sizes[1:], kind="stable") + 1  # old labels, largest first
     relabel = np.zeros(sizes.size, dtype=np.int32)
@@ -97,16 +100,23 @@ def _cc(mask: np.ndarray, full: bool = True) -> tuple[np.ndarray, np.ndarray]:
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
     """Fill holes: 4-connected background components that do not touch the image border."""
-    bg = sitk.GetArrayFromImage(_filter(sitk.ConnectedComponentImageFilter, FullyConnected=False).Execute(
-        sitk.GetImageFromArray((~mask).astype(np.uint8))))
+    bg = sitk.GetArrayFromImage(
+        _filter(sitk.ConnectedComponentImageFilter, FullyConnected=False).Execute(
+            sitk.GetImageFromArray((~mask).astype(np.uint8))
+        )
+    )
     edge = np.unique(np.concatenate([bg[0], bg[-1], bg[:, 0], bg[:, -1]]))
     return ~np.isin(bg, edge[edge > 0])
 
 
 def _dist_outside(mask: np.ndarray) -> np.ndarray:
     """Squared Euclidean distance (pixels) from every pixel to the mask (0 inside)."""
-    f = _filter(sitk.SignedMaurerDistanceMapImageFilter, InsideIsPositive=False, SquaredDistance=True,
-                UseImageSpacing=False)
+    f = _filter(
+        sitk.SignedMaurerDistanceMapImageFilter,
+        InsideIsPositive=False,
+        SquaredDistance=True,
+        UseImageSpacing=False,
+    )
     return np.maximum(sitk.GetArrayFromImage(f.Execute(sitk.GetImageFromArray(mask.astype(np.uint8)))), 0)
 
 
@@ -117,7 +127,9 @@ def _close(mask: np.ndarray, radius: int) -> np.ndarray:
     if radius >= 8:
         # a large disk only shapes the outline coarsely: close at half resolution (4x cheaper)
         h, w = mask.shape
-        small = np.pad(mask, ((0, h % 2), (0, w % 2))).reshape((h + 1) // 2, 2, (w + 1) // 2, 2).any(axis=(1, 3))
+        small = (
+            np.pad(mask, ((0, h % 2), (0, w % 2))).reshape((h + 1) // 2, 2, (w + 1) // 2, 2).any(axis=(1, 3))
+        )
         closed = _close(small, radius // 2)
         return _majority3(np.repeat(np.repeat(closed, 2, axis=0), 2, axis=1)[:h, :w]) | mask
     pad = radius + 1
@@ -138,7 +150,7 @@ def _majority3(mask: np.ndarray) -> np.ndarray:
     """3x3 majority vote (rounds the 2-pixel steps of an upsampled mask)."""
     p = np.pad(mask, 1, mode="edge").astype(np.uint8)
     h, w = mask.shape
-    votes = sum(p[i:i + h, j:j + w] for i in range(3) for j in range(3))
+    votes = sum(p[i : i + h, j : j + w] for i in range(3) for j in range(3))
     return votes >= 5
 
 
@@ -187,7 +199,10 @@ def _monotone_chain(pts: np.ndarray) -> np.ndarray:
     def half(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
         h: list[tuple[float, float]] = []
         for x, y in points:
-            while len(h) >= 2 and (h[-1][0] - h[-2][0]) * (y - h[-2][1]) - (h[-1][1] - h[-2][1]) * (x - h[-2][0]) <= 0:
+            while (
+                len(h) >= 2
+                and (h[-1][0] - h[-2][0]) * (y - h[-2][1]) - (h[-1][1] - h[-2][1]) * (x - h[-2][0]) <= 0
+            ):
                 h.pop()
             h.append((x, y))
         return h
@@ -217,7 +232,9 @@ def _dark_mask(image: np.ndarray, domain: str) -> np.ndarray:
     """Air-like pixels: below -320 HU, or below the per-image Otsu threshold for 8-bit grey."""
     if domain == "hu":
         return image < HU_AIR_THRESHOLD
-    img = _filter(sitk.MedianImageFilter, Radius=[1, 1]).Execute(sitk.GetImageFromArray(image.astype(np.float32)))
+    img = _filter(sitk.MedianImageFilter, Radius=[1, 1]).Execute(
+        sitk.GetImageFromArray(image.astype(np.float32))
+    )
     otsu = _filter(sitk.OtsuThresholdImageFilter, InsideValue=1, OutsideValue=0, NumberOfHistogramBins=128)
     return sitk.GetArrayFromImage(otsu.Execute(img)) > 0
 
@@ -268,8 +285,9 @@ def _grow(seed: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     return np.isin(labels, np.unique(labels[seed]))
 
 
-def _extend_to_wall(body: np.ndarray, lungs: list[np.ndarray], center: tuple[float, float],
-                    max_ext: float) -> list[np.ndarray]:
+def _extend_to_wall(
+    body: np.ndarray, lungs: list[np.ndarray], center: tuple[float, float], max_ext: float
+) -> list[np.ndarray]:
     """Fill each lung's outward bays (consolidation against the chest wall) along rays from center.
 
     Per lung, the outer lung radius as a function of ray angle is closed (max then min filter over
@@ -363,7 +381,9 @@ def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
     h, w = image.shape
     ph, pw = -h % factor, -w % factor
     padded = np.pad(image, ((0, ph), (0, pw)), mode="edge")
-    return padded.reshape(padded.shape[0] // factor, factor, padded.shape[1] // factor, factor).mean(axis=(1, 3))
+    return padded.reshape(padded.shape[0] // factor, factor, padded.shape[1] // factor, factor).mean(
+        axis=(1, 3)
+    )
 
 
 def _upsample(mask: np.ndarray, factor: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -383,8 +403,11 @@ def _segment(image: np.ndarray, domain: str) -> tuple[np.ndarray, np.ndarray]:
     body_area = int(body.sum())
     cand, sizes = _cc(dark & body)
     n_big = int((sizes[1:] >= MIN_LUNG_FRAC * body_area).sum())
-    keep = [lab for lab in range(1, n_big + 1)
-            if domain != "hu" or not _is_gas(image[cand == lab], sizes[lab] / body_area)]
+    keep = [
+        lab
+        for lab in range(1, n_big + 1)
+        if domain != "hu" or not _is_gas(image[cand == lab], sizes[lab] / body_area)
+    ]
     if not keep:
         return body, empty
     seed = np.isin(cand, keep)
@@ -438,7 +461,9 @@ def split_sides(lung: np.ndarray) -> np.ndarray:
         return sides
     lo, hi = int(filled[0]), int(filled[-1]) + 1
     smooth = np.convolve(columns, np.ones(5) / 5, mode="same")
-    middle = np.arange(lo + int(0.3 * (hi - lo)), max(lo + int(0.7 * (hi - lo)), lo + int(0.3 * (hi - lo)) + 1))
+    middle = np.arange(
+        lo + int(0.3 * (hi - lo)), max(lo + int(0.7 * (hi - lo)), lo + int(0.3 * (hi - lo)) + 1)
+    )
     cut = int(middle[np.argmin(smooth[middle])])
     sides[:, :cut][lung[:, :cut]] = SIDE_RIGHT
     sides[:, cut:][lung[:, cut:]] = SIDE_LEFT

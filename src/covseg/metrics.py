@@ -11,8 +11,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-METRICS = {"dice": "f1 score", "iou": "threat score", "ppv": "precision",
-           "sensitivity": "sensitivity", "specificity": "specificity"}
+METRICS = {
+    "dice": "f1 score",
+    "iou": "threat score",
+    "ppv": "precision",
+    "sensitivity": "sensitivity",
+    "specificity": "specificity",
+}
 
 
 def slice_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
@@ -28,7 +33,9 @@ def slice_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).reshape(1, 1, -1)  # noqa: E731
     matrix = get_confusion_matrix(as_tensor(pred), as_tensor(truth), include_background=True)
     both_empty = not pred.any() and not truth.any()
-    values = {key: float(compute_confusion_matrix_metric(name, matrix).item()) for key, name in METRICS.items()}
+    values = {
+        key: float(compute_confusion_matrix_metric(name, matrix).item()) for key, name in METRICS.items()
+    }
     return {key: (1.0 if both_empty else 0.0) if np.isnan(v) else v for key, v in values.items()}
 
 

@@ -45,8 +45,9 @@ from covseg.training import (
 MODEL, LABELS, STATS = "mil.pt", "fine.npz", "fine.parquet"
 
 
-def to_patches(x: torch.Tensor, lung: torch.Tensor, grid: int, patch: int,
-               min_lung: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+def to_patches(
+    x: torch.Tensor, lung: torch.Tensor, grid: int, patch: int, min_lung: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,1,S,S) slices -> (B, grid*grid, 1, patch, patch) instances and (B, grid*grid) validity.
 
     An instance is valid when at least `min_lung` of it is lung.
@@ -66,14 +67,16 @@ def instance_map(instance_prob: np.ndarray, grid: int, size: int) -> np.ndarray:
     return F.interpolate(maps, size=(size, size), mode="nearest")[:, 0].numpy()
 
 
-def curriculum(difficulty: np.ndarray, labels: np.ndarray, epoch: int, epochs: int, start: float) -> np.ndarray:
+def curriculum(
+    difficulty: np.ndarray, labels: np.ndarray, epoch: int, epochs: int, start: float
+) -> np.ndarray:
     """Indices of the bags used in `epoch`: the easiest share of each class, growing to all of them."""
     share = 1.0 if epochs <= 1 else start + (1.0 - start) * epoch / (epochs - 1)
     chosen = []
     for label in np.unique(labels):
         members = np.nonzero(labels == label)[0]
         ordered = members[np.argsort(difficulty[members], kind="stable")]
-        chosen.append(ordered[:max(1, int(round(share * len(ordered))))])
+        chosen.append(ordered[: max(1, int(round(share * len(ordered))))])
     return np.concatenate(chosen)
 
 
@@ -85,25 +88,36 @@ def bag_difficulty(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def score_instances(model: MILNet, slices: SliceSet, rows: np.ndarray, cfg: dict[str, Any],
-                    sides: np.ndarray | None = None) -> np.ndarray:
+def score_instances(
+    model: MILNet, slices: SliceSet, rows: np.ndarray, cfg: dict[str, Any], sides: np.ndarray | None = None
+) -> np.ndarray:
     """(N, grid*grid) instance probabilities of views (whole slices without `sides`; invalid get 0)."""
     dev = next(model.parameters()).device
     model.eval()
     out = []
     for start in range(0, len(rows), 32):
-        chunk = rows[start:start + 32]
-        part = None if sides is None else sides[start:start + 32]
-        patches, valid = to_patches(slices.tensor(chunk, part).to(dev), slices.lung_tensor(chunk, part).to(dev),
-                                    cfg["grid"], cfg["patch"])
+        chunk = rows[start : start + 32]
+        part = None if sides is None else sides[start : start + 32]
+        patches, valid = to_patches(
+            slices.tensor(chunk, part).to(dev),
+            slices.lung_tensor(chunk, part).to(dev),
+            cfg["grid"],
+            cfg["patch"],
+        )
         with autocast(dev):
             _, instance = model(patches.to(dev), valid.to(dev))
         out.append((torch.sigmoid(instance.float()) * valid).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, cfg["grid"] ** 2))
 
 
-def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str | Path, out_dir: str | Path,
-              params: dict[str, Any], checkpoint_dir: str | Path) -> dict[str, Any]:
+def train_mil(
+    lungs_dir: str | Path,
+    classify_dir: str | Path,
+    coarse_dir: str | Path,
+    out_dir: str | Path,
+    params: dict[str, Any],
+    checkpoint_dir: str | Path,
+) -> dict[str, Any]:
     """Train the MIL network with the curriculum; write fine labels (`fine.npz`) and their stats."""
     cfg = params["mil"]
     seed_everything(params["seed"])
@@ -113,7 +127,11 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
     classifier = load_classifier(classify_dir).to(dev)
     min_lung = params["classify"]["min_lung_fraction"]
     bags = training_views(slices, "train", min_lung)
-    bag_rows, bag_sides, bag_labels = bags["row"].to_numpy(), bags["side"].to_numpy(), bags["label"].to_numpy()
+    bag_rows, bag_sides, bag_labels = (
+        bags["row"].to_numpy(),
+        bags["side"].to_numpy(),
+        bags["label"].to_numpy(),
+    )
     difficulty = bag_difficulty(predict_logits(classifier, slices, bag_rows, bag_sides), bag_labels)
 
     model = MILNet(width=params["classify"]["width"]).to(dev)
@@ -125,9 +143,14 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
 
     def run_epoch(epoch: int) -> dict[str, float]:
         active = curriculum(difficulty, bag_labels, epoch, cfg["epochs"], cfg["curriculum_start"])
-        schedule.append({"epoch": epoch, "bags": int(len(active)),
-                         "positives": int(bag_labels[active].sum()),
-                         "max_difficulty": float(difficulty[active].max())})
+        schedule.append(
+            {
+                "epoch": epoch,
+                "bags": int(len(active)),
+                "positives": int(bag_labels[active].sum()),
+                "max_difficulty": float(difficulty[active].max()),
+            }
+        )
         labels = bag_labels[active]
         labels_on_dev = torch.as_tensor(labels, dtype=torch.float32).to(dev)
         weights = np.where(labels == 1, 1.0 / max(labels.sum(), 1), 1.0 / max((1 - labels).sum(), 1))
@@ -153,8 +176,16 @@ def train_mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str |
     checkpoint = checkpoint_path(checkpoint_dir, "mil", params, [lungs_dir, classify_dir, coarse_dir])
     history = fit(model, cfg["epochs"], run_epoch, optimizer, checkpoint, "mil", rngs=(rng,))
     model.eval()
-    save_model(model.cpu(), out_dir / MODEL, {"width": params["classify"]["width"], "grid": cfg["grid"],
-                                             "patch": cfg["patch"], "init": cfg["init"]})
+    save_model(
+        model.cpu(),
+        out_dir / MODEL,
+        {
+            "width": params["classify"]["width"],
+            "grid": cfg["grid"],
+            "patch": cfg["patch"],
+            "init": cfg["init"],
+        },
+    )
     model.to(dev)  # save_model took it to the CPU: score where it trained
     (out_dir / "schedule.json").write_text(json.dumps(schedule, indent=2))
     quality = mil_quality(model, slices, params)
@@ -173,13 +204,20 @@ def mil_quality(model: MILNet, slices: SliceSet, params: dict[str, Any]) -> dict
     probs = score_instances(model, slices, rows, cfg, sides)
     bag_score = probs.max(axis=1) if len(probs) else np.zeros(0)
     negative = labels == 0
-    _, valid = to_patches(slices.tensor(rows[negative], sides[negative]),
-                          slices.lung_tensor(rows[negative], sides[negative]), cfg["grid"], cfg["patch"])
+    _, valid = to_patches(
+        slices.tensor(rows[negative], sides[negative]),
+        slices.lung_tensor(rows[negative], sides[negative]),
+        cfg["grid"],
+        cfg["patch"],
+    )
     valid = valid.cpu().numpy()
-    return {"val_bag_auc": roc_auc(bag_score, labels),
-            "val_bag_accuracy": float(((bag_score >= 0.5) == labels).mean()) if len(labels) else float("nan"),
-            "val_negative_instance_accuracy": float((probs[negative][valid] < 0.5).mean()) if valid.any()
-            else float("nan")}
+    return {
+        "val_bag_auc": roc_auc(bag_score, labels),
+        "val_bag_accuracy": float(((bag_score >= 0.5) == labels).mean()) if len(labels) else float("nan"),
+        "val_negative_instance_accuracy": float((probs[negative][valid] < 0.5).mean())
+        if valid.any()
+        else float("nan"),
+    }
 
 
 def fuse(cam: np.ndarray, coarse: np.ndarray, instance: np.ndarray, cfg: dict[str, Any]) -> np.ndarray:
@@ -195,8 +233,9 @@ def fuse(cam: np.ndarray, coarse: np.ndarray, instance: np.ndarray, cfg: dict[st
     raise ValueError(f"mil.fusion must be 'soft', 'hard' or 'none', got {cfg['fusion']!r}")
 
 
-def fine_labels(model: MILNet, slices: SliceSet, coarse_dir: str | Path, out_dir: Path,
-                params: dict[str, Any]) -> tuple[pd.DataFrame, float]:
+def fine_labels(
+    model: MILNet, slices: SliceSet, coarse_dir: str | Path, out_dir: Path, params: dict[str, Any]
+) -> tuple[pd.DataFrame, float]:
     """Fine labels for every slice that has a coarse label: the lesion prior in the allowed lungs, gated by
     the localisers as `mil.fusion` says; the patch-score maps are stored too (`instance`, float16).
 

@@ -34,8 +34,10 @@ def segmenter_from_artifacts(artifacts: Mapping[str, str]) -> tuple[torch.nn.Mod
     from covseg.nets import build_segmenter
 
     if SEGMENTER_META not in artifacts or not ({WEIGHTS_ARTIFACT, SEGMENTER_PT} & set(artifacts)):
-        raise InputError(", ".join(sorted(artifacts)) or "(none)",
-                         "not a covseg segmenter model: artifacts must hold the weights and segmenter.json")
+        raise InputError(
+            ", ".join(sorted(artifacts)) or "(none)",
+            "not a covseg segmenter model: artifacts must hold the weights and segmenter.json",
+        )
     meta = json.loads(Path(artifacts[SEGMENTER_META]).read_text())
     model = build_segmenter(tuple(meta["features"]))
     if WEIGHTS_ARTIFACT not in artifacts:

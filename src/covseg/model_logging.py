@@ -114,9 +114,15 @@ def log_segmenter(
         raise ValueError(f"lineage tags missing or empty: {missing}")
     if WEIGHTS_ARTIFACT in artifacts:
         raise ValueError(f"artifact key {WEIGHTS_ARTIFACT!r} is reserved by covseg.model_logging")
-    if not isinstance(model_code, str | Path) or Path(model_code).suffix != ".py" or not Path(model_code).is_file():
-        raise ValueError(f"model_code must be the path of a Python file that calls mlflow.models.set_model "
-                         f"(an object would be pickled), got {model_code!r}")
+    if (
+        not isinstance(model_code, str | Path)
+        or Path(model_code).suffix != ".py"
+        or not Path(model_code).is_file()
+    ):
+        raise ValueError(
+            f"model_code must be the path of a Python file that calls mlflow.models.set_model "
+            f"(an object would be pickled), got {model_code!r}"
+        )
     run = mlflow.active_run()
     if run is None:
         raise RegistrationError("log_segmenter needs an active MLflow run (mlflow.start_run())")

@@ -53,7 +53,6 @@ class LesionSegmenter:
             configure()
             return cls(*load_registered_weights(text))  # from the weight files: no pickle, no code run
         if not Path(text).is_dir():
-
             raise InputError(text, "model folder not found (expected segmenter.pt inside)")
         return cls(*load_segmenter(text))
 
@@ -66,7 +65,9 @@ class LesionSegmenter:
         info = json.loads(Path(meta).read_text())
         return cls(load_state(build_segmenter(tuple(info["features"])), Path(weights)), info)
 
-    def predict_slices(self, images: list[np.ndarray], domain: str, batch_size: int = 32) -> list[SlicePrediction]:
+    def predict_slices(
+        self, images: list[np.ndarray], domain: str, batch_size: int = 32
+    ) -> list[SlicePrediction]:
         """Batched prediction for 2-D slices in the radiological view (anterior up)."""
         prepared = self.prepare(images, domain)
         if not prepared:
@@ -78,7 +79,9 @@ class LesionSegmenter:
         """Lung segmentation + harmonisation: (canonical image, canonical lung mask, geometry) per slice."""
         return [canonical_slice(image, domain, self.size) for image in images]
 
-    def infer(self, prepared: list[tuple[np.ndarray, np.ndarray, Geometry]], batch_size: int = 32) -> np.ndarray:
+    def infer(
+        self, prepared: list[tuple[np.ndarray, np.ndarray, Geometry]], batch_size: int = 32
+    ) -> np.ndarray:
         """The network: canonical lesion probabilities (N, S, S), zero outside the lungs.
 
         Slices without lung (neck, abdomen) skip the network: their probability is zero whatever it computes.
@@ -92,7 +95,9 @@ class LesionSegmenter:
         return probs
 
     @staticmethod
-    def restore(probs: np.ndarray, prepared: list[tuple[np.ndarray, np.ndarray, Geometry]]) -> list[SlicePrediction]:
+    def restore(
+        probs: np.ndarray, prepared: list[tuple[np.ndarray, np.ndarray, Geometry]]
+    ) -> list[SlicePrediction]:
         """Map canonical probabilities and lung masks back onto each input slice's pixel grid."""
         out = []
         for prob, (_, lung_c, geo) in zip(probs, prepared, strict=True):
@@ -129,7 +134,9 @@ def _check_out_dir(out_dir: Path, input_path: Path) -> None:
     if out == source or out in source.parents:
         raise InputError(out_dir, "output folder holds the input; choose another --out")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT).is_file())):
-        raise InputError(out_dir, "output exists and is not an earlier covseg prediction; it would be replaced")
+        raise InputError(
+            out_dir, "output exists and is not an earlier covseg prediction; it would be replaced"
+        )
 
 
 def model_provenance(model: str | Path | LesionSegmenter, segmenter: LesionSegmenter) -> dict[str, Any]:
@@ -153,11 +160,11 @@ def model_provenance(model: str | Path | LesionSegmenter, segmenter: LesionSegme
         client = mlflow.MlflowClient()
         try:
             if text.startswith("runs:/"):
-                run_id = text[len("runs:/"):].split("/", 1)[0]
+                run_id = text[len("runs:/") :].split("/", 1)[0]
                 tags = client.get_run(run_id).data.tags
                 info.update(run_id=run_id)
             else:
-                ref = text[len("models:/"):].strip("/")
+                ref = text[len("models:/") :].strip("/")
                 if "@" in ref:
                     name, alias = ref.split("@", 1)
                     mv = client.get_model_version_by_alias(name, alias)
@@ -196,17 +203,24 @@ def split_sides(lung: np.ndarray, midline: float) -> tuple[np.ndarray, str]:
     if not lung.any():
         return sides, "midline"
     # the components inside the lung mask's bounding box only (the same components, fewer voxels to scan)
-    box = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in
-                (np.flatnonzero(lung.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))))
-    labels = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(lung[box].astype(np.uint8))))
+    box = tuple(
+        slice(int(i[0]), int(i[-1]) + 1)
+        for i in (np.flatnonzero(lung.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    )
+    labels = sitk.RelabelComponent(
+        sitk.ConnectedComponent(sitk.GetImageFromArray(lung[box].astype(np.uint8)))
+    )
     comps = sitk.GetArrayFromImage(sitk.Clamp(labels, sitk.sitkUInt8, 0, 3))  # 1, 2 = largest two; 3 = rest
     sizes = np.bincount(comps.ravel())
     if sizes.size < 3:
         return sides, "midline"
     on_left = np.bincount(comps[..., left_cols[box[2]]].ravel(), minlength=sizes.size)
     share_left = on_left[1:3] / sizes[1:3]
-    clean = (sizes[2] >= COMPONENT_MIN_SHARE * sizes[1] and share_left.max() >= COMPONENT_CLEAN_SIDE
-             and share_left.min() <= 1 - COMPONENT_CLEAN_SIDE)
+    clean = (
+        sizes[2] >= COMPONENT_MIN_SHARE * sizes[1]
+        and share_left.max() >= COMPONENT_CLEAN_SIDE
+        and share_left.min() <= 1 - COMPONENT_CLEAN_SIDE
+    )
     if not clean:
         return sides, "midline"
     inside = sides[box]  # a view: labelled in place
@@ -223,8 +237,13 @@ def _burden(lesion: np.ndarray, sides: np.ndarray, unit: float) -> dict[str, Any
     for key, label in (("right", RIGHT), ("left", LEFT), ("both", None)):
         les = int(lesion.sum()) if label is None else int(lesion_by[label])
         lung = int(lung_by[1:].sum()) if label is None else int(lung_by[label])
-        out[key] = {"lesion_voxels": les, "lung_voxels": lung, "lesion": les * unit, "lung": lung * unit,
-                    "percent": 100.0 * les / lung if lung else 0.0}
+        out[key] = {
+            "lesion_voxels": les,
+            "lung_voxels": lung,
+            "lesion": les * unit,
+            "lung": lung * unit,
+            "percent": 100.0 * les / lung if lung else 0.0,
+        }
     return out
 
 
@@ -245,8 +264,9 @@ def _mask_image(array: np.ndarray, study: Study) -> Any:
     if study.kind == "nifti" and study.header is not None:
         header = study.header
         mask = sitk.DICOMOrient(mask, header["orientation"])  # undo read_volume's re-orientation to LPS
-        if list(mask.GetSize()) != header["size"] or not np.allclose(mask.GetDirection(), header["direction"],
-                                                                      atol=1e-4):
+        if list(mask.GetSize()) != header["size"] or not np.allclose(
+            mask.GetDirection(), header["direction"], atol=1e-4
+        ):
             raise RuntimeError(f"cannot map the mask back onto {study.path}'s grid")
         mask.SetOrigin(header["origin"])
         mask.SetSpacing(header["spacing"])
@@ -295,8 +315,13 @@ class StudyMasks:
         return self.sides > 0
 
 
-def segment_study(study: Study, segmenter: LesionSegmenter, batch_size: int = 32, threshold: float = 0.5,
-                  timer: Timer | None = None) -> StudyMasks:
+def segment_study(
+    study: Study,
+    segmenter: LesionSegmenter,
+    batch_size: int = 32,
+    threshold: float = 0.5,
+    timer: Timer | None = None,
+) -> StudyMasks:
     """Lesion and lung masks of every slice of `study`, `batch_size` slices at a time; lungs split by side."""
     from tqdm import tqdm
 
@@ -307,7 +332,7 @@ def segment_study(study: Study, segmenter: LesionSegmenter, batch_size: int = 32
     midlines = np.full(n, np.nan)
     with tqdm(total=n, desc="predict", unit="slice", disable=None) as bar:
         for first in range(0, n, batch_size):
-            batch = list(study.slices[first:first + batch_size])
+            batch = list(study.slices[first : first + batch_size])
             with timer("lungs_harmonise"):
                 prepared = segmenter.prepare(batch, study.domain)
             with timer("model"):
@@ -324,8 +349,14 @@ def segment_study(study: Study, segmenter: LesionSegmenter, batch_size: int = 32
     return StudyMasks(lesion=lesion, sides=sides, midline=midline, split=split)
 
 
-def build_report(study: Study, masks: StudyMasks, model: dict[str, Any], threshold: float,
-                 created: str, n_overlay: int = OVERLAY_SLICES) -> dict[str, Any]:
+def build_report(
+    study: Study,
+    masks: StudyMasks,
+    model: dict[str, Any],
+    threshold: float,
+    created: str,
+    n_overlay: int = OVERLAY_SLICES,
+) -> dict[str, Any]:
     """The lesion-burden report of one study (what report.json holds, less the timings); no side effects.
 
     Volumes are reported in mL (voxel volume from the spacing) and 2-D slices in pixels; both in % of each
@@ -349,9 +380,13 @@ def build_report(study: Study, masks: StudyMasks, model: dict[str, Any], thresho
     }
     if unit is not None:
         image = study.image
-        report["input"].update(size=list(image.GetSize()), spacing=list(image.GetSpacing()),
-                               origin=list(image.GetOrigin()), direction=list(image.GetDirection()),
-                               orientation="LPS")
+        report["input"].update(
+            size=list(image.GetSize()),
+            spacing=list(image.GetSpacing()),
+            origin=list(image.GetOrigin()),
+            direction=list(image.GetDirection()),
+            orientation="LPS",
+        )
         if study.header is not None:
             report["input"]["file_geometry"] = study.header
         if study.instance_numbers is not None:
@@ -360,8 +395,12 @@ def build_report(study: Study, masks: StudyMasks, model: dict[str, Any], thresho
         report["voxel_ml"] = unit
         report["lesion_ml"] = {k: v["lesion"] for k, v in burden.items()}
         report["lung_ml"] = {k: v["lung"] for k, v in burden.items()}
-        report["outputs"] = {"lesion_mask": LESION_NII, "lung_mask": LUNG_NII, "overlay": OVERLAY,
-                             "lung_labels": {str(k): v for k, v in SIDES.items()}}
+        report["outputs"] = {
+            "lesion_mask": LESION_NII,
+            "lung_mask": LUNG_NII,
+            "overlay": OVERLAY,
+            "lung_labels": {str(k): v for k, v in SIDES.items()},
+        }
         if study.headers is not None:
             from covseg.dicom_seg import SEG_FILE, seg_blocker
 
@@ -370,20 +409,28 @@ def build_report(study: Study, masks: StudyMasks, model: dict[str, Any], thresho
             if blocker is not None:
                 report["outputs"]["dicom_seg_skipped"] = blocker
     else:
-        report["input"].update(size=list(np.rot90(study.slices[0], -study.rotate).shape[::-1]),
-                               rotate=study.rotate)
+        report["input"].update(
+            size=list(np.rot90(study.slices[0], -study.rotate).shape[::-1]), rotate=study.rotate
+        )
         report["units"] = "pixels"
         report["lesion_px"] = {k: v["lesion_voxels"] for k, v in burden.items()}
         report["lung_px"] = {k: v["lung_voxels"] for k, v in burden.items()}
         report["outputs"] = {"lesion_mask": LESION_PNG, "lung_mask": LUNG_PNG, "overlay": OVERLAY}
     report["lesion_percent_of_lung"] = {k: v["percent"] for k, v in burden.items()}
-    report["voxels"] = {k: {"lesion": v["lesion_voxels"], "lung": v["lung_voxels"]} for k, v in burden.items()}
+    report["voxels"] = {
+        k: {"lesion": v["lesion_voxels"], "lung": v["lung_voxels"]} for k, v in burden.items()
+    }
     numbers = study.instance_numbers
     report["per_slice"] = [
-        {"z": z, **({"instance_number": numbers[z]} if numbers else {}),
-         "lesion_voxels": int(lesion_z[z]), "lung_voxels": int(lung_z[z]),
-         "percent": 100.0 * float(lesion_z[z]) / float(lung_z[z]) if lung_z[z] else 0.0}
-        for z in range(n)]
+        {
+            "z": z,
+            **({"instance_number": numbers[z]} if numbers else {}),
+            "lesion_voxels": int(lesion_z[z]),
+            "lung_voxels": int(lung_z[z]),
+            "percent": 100.0 * float(lesion_z[z]) / float(lung_z[z]) if lung_z[z] else 0.0,
+        }
+        for z in range(n)
+    ]
     report["overlay_slices"] = _pick_overlay(lesion_z, lung_z, n_overlay)
     return report
 
@@ -394,7 +441,9 @@ def _overlay_titles(report: dict[str, Any]) -> list[str]:
     volume = report["units"] == "mL"
     for z in report["overlay_slices"]:
         row = report["per_slice"][z]
-        amount = f"{row['lesion_voxels'] * report['voxel_ml']:.1f} mL" if volume else f"{row['lesion_voxels']} px"
+        amount = (
+            f"{row['lesion_voxels'] * report['voxel_ml']:.1f} mL" if volume else f"{row['lesion_voxels']} px"
+        )
         title = f"{amount}, {row['percent']:.1f}% of lung"
         if volume:
             where = f"z={z}" + (f" (inst. {row['instance_number']})" if "instance_number" in row else "")
@@ -403,8 +452,9 @@ def _overlay_titles(report: dict[str, Any]) -> list[str]:
     return titles
 
 
-def write_outputs(folder: Path, study: Study, masks: StudyMasks, report: dict[str, Any],
-                  timer: Timer | None = None) -> None:
+def write_outputs(
+    folder: Path, study: Study, masks: StudyMasks, report: dict[str, Any], timer: Timer | None = None
+) -> None:
     """Write the masks and the overlay into `folder`.
 
     Masks are NIfTI on the input's grid for volumes, PNG for a slice, and for a DICOM series also a DICOM
@@ -428,22 +478,43 @@ def write_outputs(folder: Path, study: Study, masks: StudyMasks, report: dict[st
 
         with timer("write_seg"):
             model = report["model"]
-            parameters = {"threshold": str(report["threshold"]),
-                          "model": str(model.get("uri") or "in-memory"), "model_version": str(model.get("version", ""))}
-            write_segmentation(folder / report["outputs"]["dicom_seg"], study.series, study.headers, study.image,
-                               masks.lesion, masks.sides, RIGHT, LEFT, report["covseg_version"], parameters)
+            parameters = {
+                "threshold": str(report["threshold"]),
+                "model": str(model.get("uri") or "in-memory"),
+                "model_version": str(model.get("version", "")),
+            }
+            write_segmentation(
+                folder / report["outputs"]["dicom_seg"],
+                study.series,
+                study.headers,
+                study.image,
+                masks.lesion,
+                masks.sides,
+                RIGHT,
+                LEFT,
+                report["covseg_version"],
+                parameters,
+            )
     with timer("write_overlay"):
         chosen = report["overlay_slices"]
         aspect = 1.0 if study.image is None else study.image.GetSpacing()[1] / study.image.GetSpacing()[0]
         images = np.stack([to_8bit_look(study.slices[z], study.domain) for z in chosen])
-        figure = figures.overlay_montage(images, masks.lesion[chosen], masks.lung[chosen],
-                                         _overlay_titles(report), aspect)
+        figure = figures.overlay_montage(
+            images, masks.lesion[chosen], masks.lung[chosen], _overlay_titles(report), aspect
+        )
         figures.save(figure, folder / OVERLAY)
 
 
-def predict_study(input_path: str | Path, model: str | Path | LesionSegmenter, out_dir: str | Path,
-                  batch_size: int = 32, rotate: int = 0, threshold: float = 0.5,
-                  allow_identified: bool = False, n_overlay: int = OVERLAY_SLICES) -> dict[str, Any]:
+def predict_study(
+    input_path: str | Path,
+    model: str | Path | LesionSegmenter,
+    out_dir: str | Path,
+    batch_size: int = 32,
+    rotate: int = 0,
+    threshold: float = 0.5,
+    allow_identified: bool = False,
+    n_overlay: int = OVERLAY_SLICES,
+) -> dict[str, Any]:
     """Segment one study and write its outputs to `out_dir` (atomically: all files appear, or none).
 
     read (:func:`covseg.io.read_study`) -> segment (:func:`segment_study`) -> report (:func:`build_report`)
@@ -504,8 +575,10 @@ def format_summary(report: dict[str, Any]) -> str:
     pct = report["lesion_percent_of_lung"]
     if report["units"] == "mL":
         les = report["lesion_ml"]
-        amount = (f"lesion {les['both']:.1f} mL ({pct['both']:.1f}% of lungs; right {les['right']:.1f} mL "
-                  f"{pct['right']:.1f}%, left {les['left']:.1f} mL {pct['left']:.1f}%)")
+        amount = (
+            f"lesion {les['both']:.1f} mL ({pct['both']:.1f}% of lungs; right {les['right']:.1f} mL "
+            f"{pct['right']:.1f}%, left {les['left']:.1f} mL {pct['left']:.1f}%)"
+        )
     else:
         amount = f"lesion {report['lesion_px']['both']} px ({pct['both']:.1f}% of lung area)"
     line = f"{report['n_slices']} slice(s) in {report['seconds']:.1f} s: {amount}"

@@ -31,8 +31,11 @@ def lesion_prior(images: np.ndarray, fine: dict[str, Any]) -> np.ndarray:
     opened = images
     if radius:
         volume = sitk.GetImageFromArray(images.reshape(-1, *images.shape[-2:]))
-        opened = sitk.GetArrayFromImage(sitk.GrayscaleMorphologicalOpening(
-            volume, kernelRadius=[radius, radius, 0], kernelType=sitk.sitkBall)).reshape(images.shape)
+        opened = sitk.GetArrayFromImage(
+            sitk.GrayscaleMorphologicalOpening(
+                volume, kernelRadius=[radius, radius, 0], kernelType=sitk.sitkBall
+            )
+        ).reshape(images.shape)
     return (opened >= fine["min_intensity"]) & (opened < fine["max_intensity"])
 
 
@@ -50,15 +53,20 @@ def allowed_lungs(lungs: np.ndarray, sides: np.ndarray, rows: pd.DataFrame) -> n
     return allowed
 
 
-def side_area_auc(images: np.ndarray, lungs: np.ndarray, sides: np.ndarray, rows: pd.DataFrame,
-                  fine: dict[str, Any]) -> float:
+def side_area_auc(
+    images: np.ndarray, lungs: np.ndarray, sides: np.ndarray, rows: pd.DataFrame, fine: dict[str, Any]
+) -> float:
     """Mask-free score of a prior setting: ROC AUC of the prior's share of each lung, lesion lungs against
     clean lungs, over the one-clean-lung positive slices of `rows` (lobe labels only)."""
     from covseg.classify import roc_auc
     from covseg.lungs import SIDE_LEFT, SIDE_RIGHT
 
-    mixed = rows[(rows["label"] == 1) & (rows["lesion_left"] >= 0) & (rows["lesion_right"] >= 0)
-                 & (rows["lesion_left"] != rows["lesion_right"])]
+    mixed = rows[
+        (rows["label"] == 1)
+        & (rows["lesion_left"] >= 0)
+        & (rows["lesion_right"] >= 0)
+        & (rows["lesion_left"] != rows["lesion_right"])
+    ]
     if mixed.empty:
         return float("nan")
     positions = mixed["row"].to_numpy()

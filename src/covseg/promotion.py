@@ -104,17 +104,29 @@ class Evidence:
 
     def as_dict(self) -> dict[str, float | int]:
         """Plain-dict form (the ``evidence`` of :meth:`Decision.as_dict`)."""
-        return {"difference": self.difference, "low": self.low, "high": self.high,
-                "confidence": self.confidence, "n_slices": self.n_slices}
+        return {
+            "difference": self.difference,
+            "low": self.low,
+            "high": self.high,
+            "confidence": self.confidence,
+            "n_slices": self.n_slices,
+        }
 
     def describe(self) -> str:
         """The evidence in words (part of the decision's reason)."""
-        return (f"paired Dice difference {self.difference:+.4f}, {self.confidence:.0%} CI "
-                f"[{self.low:+.4f}, {self.high:+.4f}] over {self.n_slices} slices")
+        return (
+            f"paired Dice difference {self.difference:+.4f}, {self.confidence:.0%} CI "
+            f"[{self.low:+.4f}, {self.high:+.4f}] over {self.n_slices} slices"
+        )
 
 
-def paired_evidence(candidate: Sequence[float], champion: Sequence[float], confidence: float = 0.95,
-                    n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> Evidence:
+def paired_evidence(
+    candidate: Sequence[float],
+    champion: Sequence[float],
+    confidence: float = 0.95,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> Evidence:
     """Mean of the per-slice differences ``candidate - champion`` with its two-sided bootstrap (BCa) interval.
 
     The slices are resampled with replacement (scipy.stats.bootstrap); identical differences on every slice
@@ -138,12 +150,24 @@ def paired_evidence(candidate: Sequence[float], champion: Sequence[float], confi
         return Evidence(mean, mean, mean, confidence, int(diff.size))
     with warnings.catch_warnings():  # an undefined BCa interval is handled below
         warnings.simplefilter("ignore", DegenerateDataWarning)
-        result = bootstrap((diff,), np.mean, n_resamples=n_resamples, confidence_level=confidence, method="BCa",
-                           rng=np.random.default_rng(seed))
+        result = bootstrap(
+            (diff,),
+            np.mean,
+            n_resamples=n_resamples,
+            confidence_level=confidence,
+            method="BCa",
+            rng=np.random.default_rng(seed),
+        )
     low, high = (float(x) for x in (result.confidence_interval.low, result.confidence_interval.high))
     if not (math.isfinite(low) and math.isfinite(high)):  # BCa undefined (e.g. 2 slices): percentile
-        result = bootstrap((diff,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
-                           method="percentile", rng=np.random.default_rng(seed))
+        result = bootstrap(
+            (diff,),
+            np.mean,
+            n_resamples=n_resamples,
+            confidence_level=confidence,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        )
         low, high = (float(x) for x in (result.confidence_interval.low, result.confidence_interval.high))
     return Evidence(mean, low, high, confidence, int(diff.size))
 
@@ -261,8 +285,9 @@ def decide(
     champ_score = champion.score if champion else None
 
     def out(alias: str, reason: str, evidence: Evidence | None = None) -> Decision:
-        return Decision(alias, reason, candidate.version, candidate.score, before, champ_score, margin, failures,
-                        evidence)
+        return Decision(
+            alias, reason, candidate.version, candidate.score, before, champ_score, margin, failures, evidence
+        )
 
     if champion is not None and champion.version == candidate.version:
         return out(CHAMPION, "candidate already holds champion")
@@ -276,10 +301,17 @@ def decide(
         return out(CHALLENGER, f"champion v{champion.version} was not scored on these slices; champion holds")
     evidence = paired_evidence(candidate.per_slice, champion.per_slice, confidence)
     if evidence.low > margin + TIE_TOLERANCE:
-        return out(CHAMPION, f"{evidence.describe()} vs champion v{champion.version}: lower bound clears "
-                             f"margin {margin:.4f}", evidence)
-    return out(CHALLENGER, f"{evidence.describe()} vs champion v{champion.version}: lower bound does not clear "
-                           f"margin {margin:.4f}", evidence)
+        return out(
+            CHAMPION,
+            f"{evidence.describe()} vs champion v{champion.version}: lower bound clears margin {margin:.4f}",
+            evidence,
+        )
+    return out(
+        CHALLENGER,
+        f"{evidence.describe()} vs champion v{champion.version}: lower bound does not clear "
+        f"margin {margin:.4f}",
+        evidence,
+    )
 
 
 # --------------------------------------------------------------------------------------------------

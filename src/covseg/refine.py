@@ -45,16 +45,25 @@ def label_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
 
 
-def round_labels(prob: np.ndarray, localisers: np.ndarray | None, region: np.ndarray, threshold: float) -> np.ndarray:
+def round_labels(
+    prob: np.ndarray, localisers: np.ndarray | None, region: np.ndarray, threshold: float
+) -> np.ndarray:
     """Next labels: the mean of the segmenter's probability and the localisers' evidence (when given)
     at or above `threshold`, inside `region` (prior AND allowed lungs)."""
     evidence = prob if localisers is None else 0.5 * (prob + localisers)
     return (evidence >= threshold) & region
 
 
-def refine(lungs_dir: str | Path, coarse_dir: str | Path, mil_dir: str | Path, segment_dir: str | Path,
-           out_dir: str | Path, params: dict[str, Any], checkpoint_dir: str | Path,
-           lineage: dict[str, str] | None = None) -> dict[str, Any]:
+def refine(
+    lungs_dir: str | Path,
+    coarse_dir: str | Path,
+    mil_dir: str | Path,
+    segment_dir: str | Path,
+    out_dir: str | Path,
+    params: dict[str, Any],
+    checkpoint_dir: str | Path,
+    lineage: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Run the refinement rounds; write `round<r>/segmenter.pt`, the final `segmenter.pt`, the last
     labels (`labels.npz`) and the per-round record (`rounds.json`)."""
     cfg = params["refine"]
@@ -66,7 +75,8 @@ def refine(lungs_dir: str | Path, coarse_dir: str | Path, mil_dir: str | Path, s
     positive = labelled[((info["label"] == 1) & info["split"].isin(["train", "val"])).to_numpy()]
     pinfo = slices.index.set_index("row").loc[positive].reset_index()
     region = lesion_prior(slices.images[positive], params["fine"]) & allowed_lungs(
-        slices.lungs[positive], slices.sides[positive], pinfo)
+        slices.lungs[positive], slices.sides[positive], pinfo
+    )
     localisers = None
     if cfg["evidence"] == "localisers":
         cam = np.load(Path(coarse_dir) / CAM_MAPS)["cam"][positive].astype(np.float32)
@@ -91,14 +101,28 @@ def refine(lungs_dir: str | Path, coarse_dir: str | Path, mil_dir: str | Path, s
             stop = "agreement"
             break
         checkpoint = checkpoint_path(checkpoint_dir, f"refine{r}", params, [lungs_dir, mil_dir, segment_dir])
-        model, history = fit_segmenter(slices, rows, new, round_params, checkpoint, f"refine {r}",
-                                       init={k: v.detach().cpu() for k, v in model.state_dict().items()})
+        model, history = fit_segmenter(
+            slices,
+            rows,
+            new,
+            round_params,
+            checkpoint,
+            f"refine {r}",
+            init={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        )
         (out_dir / f"round{r}").mkdir()
         save_segmenter(model, out_dir / f"round{r}", params, lineage)
         model.to(dev)
         in_domain = in_domain_ranking(model, slices, params)
-        record.append({"round": r, "agreement": agreement, "history": history, "in_domain": in_domain,
-                       "label_area": float(new[positive].sum() / max(slices.lungs[positive].sum(), 1))})
+        record.append(
+            {
+                "round": r,
+                "agreement": agreement,
+                "history": history,
+                "in_domain": in_domain,
+                "label_area": float(new[positive].sum() / max(slices.lungs[positive].sum(), 1)),
+            }
+        )
         if in_domain.get("slice_auc", float("nan")) > best[0] or np.isnan(best[0]):
             best = (in_domain.get("slice_auc", float("nan")), r)
         labels = new
@@ -106,8 +130,12 @@ def refine(lungs_dir: str | Path, coarse_dir: str | Path, mil_dir: str | Path, s
     for name in (MODEL, Path(MODEL).with_suffix(".json").name):
         shutil.copyfile(source / name, out_dir / name)
     np.savez_compressed(out_dir / LABELS, labels=labels, rows=positive)
-    result = {"rounds": record, "final_round": best[1], "stopped_by": stop,
-              "in_domain": next(x["in_domain"] for x in record if x["round"] == best[1])}
+    result = {
+        "rounds": record,
+        "final_round": best[1],
+        "stopped_by": stop,
+        "in_domain": next(x["in_domain"] for x in record if x["round"] == best[1]),
+    }
     (out_dir / ROUNDS).write_text(json.dumps(result, indent=2, default=float))
     return result
 

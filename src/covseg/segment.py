@@ -51,8 +51,10 @@ def training_rows(slices: SliceSet, params: dict[str, Any], split: str = "train"
     excluded = set(params["segment"].get("exclude_sources") or [])
     unknown = excluded - set(slices.index["source"])
     if unknown:
-        raise ValueError(f"segment.exclude_sources names no source: {sorted(unknown)}; "
-                         f"sources: {sorted(set(slices.index['source']))}")
+        raise ValueError(
+            f"segment.exclude_sources names no source: {sorted(unknown)}; "
+            f"sources: {sorted(set(slices.index['source']))}"
+        )
     rows = slices.rows(split, params["classify"]["min_lung_fraction"])
     return rows[~rows["source"].isin(excluded)]
 
@@ -69,9 +71,15 @@ def sampling_weights(rows: pd.DataFrame, negative_share: float) -> np.ndarray:
     return weights
 
 
-def fit_segmenter(slices: SliceSet, rows: pd.DataFrame, labels: np.ndarray, params: dict[str, Any],
-                  checkpoint: Path, desc: str = "segment",
-                  init: dict[str, torch.Tensor] | None = None) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+def fit_segmenter(
+    slices: SliceSet,
+    rows: pd.DataFrame,
+    labels: np.ndarray,
+    params: dict[str, Any],
+    checkpoint: Path,
+    desc: str = "segment",
+    init: dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
     """Train the U-Net on `labels` (N,S,S bool, indexed by row; lesion-free slices get none) over `rows`;
     `init` starts from given weights (a refinement round continues the previous round's model)."""
     cfg = params["segment"]
@@ -101,7 +109,9 @@ def fit_segmenter(slices: SliceSet, rows: pd.DataFrame, labels: np.ndarray, para
             x = (x * gain).clamp(0, 1) * region
             with autocast(dev):
                 logits = model(x).float()
-            bce = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * region).sum() / region.sum()
+            bce = (
+                F.binary_cross_entropy_with_logits(logits, y, reduction="none") * region
+            ).sum() / region.sum()
             loss = bce + soft_dice_loss(logits, y, region)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -113,19 +123,32 @@ def fit_segmenter(slices: SliceSet, rows: pd.DataFrame, labels: np.ndarray, para
     return model.eval(), history
 
 
-def save_segmenter(model: torch.nn.Module, out_dir: str | Path, params: dict[str, Any],
-                   lineage: dict[str, str] | None = None) -> None:
+def save_segmenter(
+    model: torch.nn.Module, out_dir: str | Path, params: dict[str, Any], lineage: dict[str, str] | None = None
+) -> None:
     """`segmenter.pt` + its JSON metadata (architecture, image size, seed, profile, lineage)."""
     cfg = params["segment"]
-    save_model(model.cpu(), Path(out_dir) / MODEL, {"features": list(cfg["features"]),
-                                                   "image_size": params["image_size"],
-                                                   "seed": params["seed"], "profile": params["profile"],
-                                                   **(lineage or {})})
+    save_model(
+        model.cpu(),
+        Path(out_dir) / MODEL,
+        {
+            "features": list(cfg["features"]),
+            "image_size": params["image_size"],
+            "seed": params["seed"],
+            "profile": params["profile"],
+            **(lineage or {}),
+        },
+    )
 
 
-def train_segmenter(lungs_dir: str | Path, mil_dir: str | Path, out_dir: str | Path,
-                    params: dict[str, Any], checkpoint_dir: str | Path,
-                    lineage: dict[str, str] | None = None) -> dict[str, Any]:
+def train_segmenter(
+    lungs_dir: str | Path,
+    mil_dir: str | Path,
+    out_dir: str | Path,
+    params: dict[str, Any],
+    checkpoint_dir: str | Path,
+    lineage: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Train the U-Net on fine labels; save `segmenter.pt` (+ JSON metadata, with `lineage` when given:
     git commit, data version, params hash, pipeline run, so a model folder says what it was trained on)."""
     dev = device()
@@ -137,21 +160,34 @@ def train_segmenter(lungs_dir: str | Path, mil_dir: str | Path, out_dir: str | P
     model, history = fit_segmenter(slices, rows, fine_labels, params, checkpoint)
     save_segmenter(model, out_dir, params, lineage)
     model.to(dev)
-    return {"history": history, "n_train": len(rows), **validation_checks(model, slices, fine_labels,
-                                                                          labelled_rows, params)}
+    return {
+        "history": history,
+        "n_train": len(rows),
+        **validation_checks(model, slices, fine_labels, labelled_rows, params),
+    }
 
 
-def validation_checks(model: torch.nn.Module, slices: SliceSet, fine: np.ndarray, labelled_rows: np.ndarray,
-                      params: dict[str, Any]) -> dict[str, Any]:
+def validation_checks(
+    model: torch.nn.Module,
+    slices: SliceSet,
+    fine: np.ndarray,
+    labelled_rows: np.ndarray,
+    params: dict[str, Any],
+) -> dict[str, Any]:
     """Mask-free checks on the validation split: Dice against the fine labels of validation positives, and
     the in-domain slice ranking (`in_domain_ranking`)."""
     val = training_rows(slices, params, "val")
     labelled = np.intersect1d(val[val["label"] == 1]["row"].to_numpy(), labelled_rows)
-    return {"val_fine_dice": fine_label_dice(model, slices, fine, labelled), "n_val_fine": len(labelled),
-            "in_domain": in_domain_ranking(model, slices, params)}
+    return {
+        "val_fine_dice": fine_label_dice(model, slices, fine, labelled),
+        "n_val_fine": len(labelled),
+        "in_domain": in_domain_ranking(model, slices, params),
+    }
 
 
-def predicted_areas(model: torch.nn.Module, slices: SliceSet, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def predicted_areas(
+    model: torch.nn.Module, slices: SliceSet, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Predicted lesion pixels (probability >= 0.5) of each slice, and of its (right, left) lungs (N, 2)."""
     from covseg.lungs import SIDE_LEFT, SIDE_RIGHT
 
@@ -161,8 +197,9 @@ def predicted_areas(model: torch.nn.Module, slices: SliceSet, rows: np.ndarray) 
     return probs.sum(axis=(1, 2)).astype(float), per_lung.astype(float)
 
 
-def in_domain_ranking(model: torch.nn.Module, slices: SliceSet, params: dict[str, Any],
-                      split: str = "val") -> dict[str, Any]:
+def in_domain_ranking(
+    model: torch.nn.Module, slices: SliceSet, params: dict[str, Any], split: str = "val"
+) -> dict[str, Any]:
     """Does the segmenter find lesions where label and source are independent? On the validation slices of
     the two-label sources: ROC AUC of its predicted lesion area (`slice_auc`) against the slice labels,
     beside the HU-band baseline on the same slices (`hu_band_auc`: lung pixels in -750..-300 HU, no
@@ -176,14 +213,20 @@ def in_domain_ranking(model: torch.nn.Module, slices: SliceSet, params: dict[str
     area, per_lung = predicted_areas(model, slices, rows["row"].to_numpy())
     labels = rows["label"].to_numpy()
     result: dict[str, Any] = {
-        "n_slices": len(rows), "n_positive": int(labels.sum()),
+        "n_slices": len(rows),
+        "n_positive": int(labels.sum()),
         "slice_auc": roc_auc(area, labels),
-        "hu_band_auc": roc_auc(rows["hu_band_pixels"].to_numpy(float), labels) if "hu_band_pixels" in rows
+        "hu_band_auc": roc_auc(rows["hu_band_pixels"].to_numpy(float), labels)
+        if "hu_band_pixels" in rows
         else float("nan"),
-        "lung_area_auc": roc_auc(rows["lung_pixels"].to_numpy(float), labels) if "lung_pixels" in rows
-        else float("nan")}
-    lung_labels = np.stack([rows.get(c, pd.Series(-1, index=rows.index)).to_numpy()
-                            for c in ("lesion_right", "lesion_left")], axis=1)
+        "lung_area_auc": roc_auc(rows["lung_pixels"].to_numpy(float), labels)
+        if "lung_pixels" in rows
+        else float("nan"),
+    }
+    lung_labels = np.stack(
+        [rows.get(c, pd.Series(-1, index=rows.index)).to_numpy() for c in ("lesion_right", "lesion_left")],
+        axis=1,
+    )
     lung_labels = np.where(labels[:, None] == 0, 0, lung_labels)
     known = lung_labels >= 0
     result["lung_auc"] = roc_auc(per_lung[known], lung_labels[known]) if known.any() else float("nan")
@@ -210,15 +253,16 @@ def load_segmenter(model_dir: str | Path) -> tuple[torch.nn.Module, dict[str, An
 
 
 @torch.no_grad()
-def segment_canonical(model: torch.nn.Module, images: np.ndarray, lungs: np.ndarray,
-                      batch_size: int = 32) -> np.ndarray:
+def segment_canonical(
+    model: torch.nn.Module, images: np.ndarray, lungs: np.ndarray, batch_size: int = 32
+) -> np.ndarray:
     """Lesion probability (N,S,S) for canonical lung-masked slices; zero outside the lungs."""
     dev = next(model.parameters()).device
     model.eval()
     out = np.zeros(images.shape, dtype=np.float32)
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size], np.float32))[:, None]
+        x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size], np.float32))[:, None]
         with autocast(dev):
             prob = torch.sigmoid(model(x.to(dev)).float())[:, 0].cpu().numpy()
-        out[start:start + batch_size] = prob * lungs[start:start + batch_size]
+        out[start : start + batch_size] = prob * lungs[start : start + batch_size]
     return out

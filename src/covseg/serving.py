@@ -40,7 +40,6 @@ def storage_format(flavor_conf: Mapping[str, Any]) -> str:
     return "pickle" if flavor_conf.get("python_model") else "other"
 
 
-
 def load_registered_segmenter(uri: str) -> LesionSegmenter:
     """The predict path's segmenter of a logged or registered model (``models:/covseg@champion``).
 
@@ -81,4 +80,5 @@ def signature() -> Any:
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
-        params=ParamSchema([ParamSpec("domain", "string", "8bit"), ParamSpec("threshold", "double", 0.5)]))
+        params=ParamSchema([ParamSpec("domain", "string", "8bit"), ParamSpec("threshold", "double", 0.5)]),
+    )

@@ -77,12 +77,13 @@ class ShardWriter:
         self.index_rows: list[dict[str, Any]] = []
         self._tar: tarfile.TarFile | None = None
 
-    def add(self, row: int, image: np.ndarray, lung: np.ndarray, side: np.ndarray, meta: dict[str, Any]) -> None:
+    def add(
+        self, row: int, image: np.ndarray, lung: np.ndarray, side: np.ndarray, meta: dict[str, Any]
+    ) -> None:
         if self._tar is None or len(self.shards[-1]["rows"]) >= self.slices_per_shard:
             self._roll()
         key = f"{row:09d}"
-        for name, array in zip(ARRAYS, (image, lung.astype(bool), side.astype(np.uint8)),
-                               strict=True):
+        for name, array in zip(ARRAYS, (image, lung.astype(bool), side.astype(np.uint8)), strict=True):
             _add(self._tar, f"{key}.{name}.npy", _npy(array))
         record = {**meta, "row": int(row)}
         _add(self._tar, f"{key}.json", json.dumps(record, default=_json_default).encode())
@@ -118,8 +119,9 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def write_shards(lungs_dir: str | Path, out_dir: str | Path, slices_per_shard: int = 256,
-                 replicate: int = 1) -> dict[str, Any]:
+def write_shards(
+    lungs_dir: str | Path, out_dir: str | Path, slices_per_shard: int = 256, replicate: int = 1
+) -> dict[str, Any]:
     """Shard a lungs-stage output (`slices.npz`, `index.parquet`). `replicate` > 1 writes that many copies of
     every slice (row numbers continue: copy c of row r is c * N + r, `replica_of` = r): for scale benchmarks
     only, labelled as replication wherever reported. Reads one member array of `slices.npz` at a time."""
@@ -224,8 +226,9 @@ def rank_shards(manifest: dict[str, Any], rank: int, world: int) -> list[dict[st
     return manifest["shards"][rank::world]
 
 
-def iter_samples(source: ShardSource, shards: Sequence[dict[str, Any]],
-                 wanted: set[int] | None = None) -> Iterator[Sample]:
+def iter_samples(
+    source: ShardSource, shards: Sequence[dict[str, Any]], wanted: set[int] | None = None
+) -> Iterator[Sample]:
     """Stream the samples of `shards` in order (each shard one sequential read). With `wanted`, only those
     rows are decoded (the others' members are skipped unread)."""
     for shard in shards:
@@ -262,9 +265,16 @@ def draw_counts(weights: np.ndarray, n_draws: int, rng: np.random.Generator) -> 
     return np.bincount(chosen, minlength=len(weights))
 
 
-def balanced_batches(source: ShardSource, manifest: dict[str, Any], counts: np.ndarray, batch_size: int,
-                     rng: np.random.Generator, rank: int = 0, world: int = 1,
-                     buffer_size: int = 512) -> Iterator[list[Sample]]:
+def balanced_batches(
+    source: ShardSource,
+    manifest: dict[str, Any],
+    counts: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator,
+    rank: int = 0,
+    world: int = 1,
+    buffer_size: int = 512,
+) -> Iterator[list[Sample]]:
     """Batches of this rank's share of one epoch's draws, streamed from its own shards.
 
     `counts` (indexed by position in the manifest's row order, `draw_counts`) says how often each row is
@@ -276,8 +286,10 @@ def balanced_batches(source: ShardSource, manifest: dict[str, Any], counts: np.n
     `rng` shuffles this rank's buffer: give each rank its own, and never the generator that drew `counts`
     (that one must stay the same on every rank for the next epoch's draw)."""
     position = {row: i for i, row in enumerate(r for s in manifest["shards"] for r in s["rows"])}
-    per_rank = [sum(int(counts[position[r]]) for s in rank_shards(manifest, k, world) for r in s["rows"])
-                for k in range(world)]
+    per_rank = [
+        sum(int(counts[position[r]]) for s in rank_shards(manifest, k, world) for r in s["rows"])
+        for k in range(world)
+    ]
     steps = min(per_rank) // batch_size
     mine = rank_shards(manifest, rank, world)
     wanted = {r for s in mine for r in s["rows"] if counts[position[r]] > 0}
@@ -302,8 +314,9 @@ def balanced_batches(source: ShardSource, manifest: dict[str, Any], counts: np.n
         made += 1
 
 
-def stack(batch: Sequence[Sample], fill: float = 0.0,
-          tissue_ceiling: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def stack(
+    batch: Sequence[Sample], fill: float = 0.0, tissue_ceiling: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(B,1,S,S) float32 model inputs (lung-masked as `SliceSet.tensor`) and (B,) labels of a batch."""
     images = np.stack([s.image for s in batch]).astype(np.float32)
     lungs = np.stack([s.lung for s in batch])

@@ -42,8 +42,9 @@ def lungs(ingest_dir: str | Path, out_dir: str | Path, params: dict[str, Any]) -
         return prepare_dataset(ingest_dir, scratch, params)
 
 
-def classify(lungs_dir: str | Path, out_dir: str | Path, params: dict[str, Any],
-             checkpoint_dir: str | Path) -> dict:
+def classify(
+    lungs_dir: str | Path, out_dir: str | Path, params: dict[str, Any], checkpoint_dir: str | Path
+) -> dict:
     """Train the slice classifier; `metrics.json` holds validation AUC per source and the source probe."""
     from covseg.camlayer import check_cam_layer
     from covseg.classify import train_classifier
@@ -57,8 +58,9 @@ def classify(lungs_dir: str | Path, out_dir: str | Path, params: dict[str, Any],
     return result
 
 
-def coarse(lungs_dir: str | Path, classify_dir: str | Path, out_dir: str | Path,
-           params: dict[str, Any]) -> pd.DataFrame:
+def coarse(
+    lungs_dir: str | Path, classify_dir: str | Path, out_dir: str | Path, params: dict[str, Any]
+) -> pd.DataFrame:
     """Grad-CAM coarse labels (`coarse.npz`) and their per-slice statistics (`coarse.parquet`)."""
     from covseg.cam import coarse_labels
 
@@ -66,8 +68,14 @@ def coarse(lungs_dir: str | Path, classify_dir: str | Path, out_dir: str | Path,
         return coarse_labels(lungs_dir, classify_dir, scratch, params)
 
 
-def mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str | Path, out_dir: str | Path,
-        params: dict[str, Any], checkpoint_dir: str | Path) -> dict:
+def mil(
+    lungs_dir: str | Path,
+    classify_dir: str | Path,
+    coarse_dir: str | Path,
+    out_dir: str | Path,
+    params: dict[str, Any],
+    checkpoint_dir: str | Path,
+) -> dict:
     """MIL refinement (easy -> hard) -> fine labels (`fine.npz`, `fine.parquet`, `metrics.json`)."""
     from covseg.mil import train_mil
 
@@ -79,37 +87,70 @@ def mil(lungs_dir: str | Path, classify_dir: str | Path, coarse_dir: str | Path,
     return result
 
 
-def segment(lungs_dir: str | Path, mil_dir: str | Path, out_dir: str | Path, params: dict[str, Any],
-            checkpoint_dir: str | Path) -> dict:
+def segment(
+    lungs_dir: str | Path,
+    mil_dir: str | Path,
+    out_dir: str | Path,
+    params: dict[str, Any],
+    checkpoint_dir: str | Path,
+) -> dict:
     """Train the U-Net on the fine labels (`segmenter.pt`)."""
     from covseg.segment import train_segmenter
 
     with tracking.stage_run("segment", params, "segment") as run, atomic_dir(out_dir) as scratch:
-        result = train_segmenter(lungs_dir, mil_dir, scratch, params, checkpoint_dir, tracking.lineage(params))
+        result = train_segmenter(
+            lungs_dir, mil_dir, scratch, params, checkpoint_dir, tracking.lineage(params)
+        )
         _write_json(scratch / "metrics.json", result)
-        tracking.log_metrics(run, {"val_fine_dice": result["val_fine_dice"], "in_domain": result["in_domain"]})
+        tracking.log_metrics(
+            run, {"val_fine_dice": result["val_fine_dice"], "in_domain": result["in_domain"]}
+        )
         tracking.log_history(run, result["history"], "segment")
     return result
 
 
-def refine(lungs_dir: str | Path, coarse_dir: str | Path, mil_dir: str | Path, segment_dir: str | Path,
-           out_dir: str | Path, params: dict[str, Any], checkpoint_dir: str | Path) -> dict:
+def refine(
+    lungs_dir: str | Path,
+    coarse_dir: str | Path,
+    mil_dir: str | Path,
+    segment_dir: str | Path,
+    out_dir: str | Path,
+    params: dict[str, Any],
+    checkpoint_dir: str | Path,
+) -> dict:
     """Refinement rounds after the segmenter (`round<r>/`, the final `segmenter.pt`, `rounds.json`)."""
     from covseg.refine import refine as run_rounds
 
     with tracking.stage_run("refine", params, "refine") as run, atomic_dir(out_dir) as scratch:
-        result = run_rounds(lungs_dir, coarse_dir, mil_dir, segment_dir, scratch, params, checkpoint_dir,
-                            tracking.lineage(params))
-        tracking.log_metrics(run, {"in_domain": result["in_domain"], "final_round": float(result["final_round"])})
+        result = run_rounds(
+            lungs_dir,
+            coarse_dir,
+            mil_dir,
+            segment_dir,
+            scratch,
+            params,
+            checkpoint_dir,
+            tracking.lineage(params),
+        )
+        tracking.log_metrics(
+            run, {"in_domain": result["in_domain"], "final_round": float(result["final_round"])}
+        )
         for record in result["rounds"]:
             if "in_domain" in record:
                 tracking.log_metrics(run, {f"round{record['round']}": record["in_domain"]})
     return result
 
 
-def evaluate(ingest_dir: str | Path, lungs_dir: str | Path, coarse_dir: str | Path, mil_dir: str | Path,
-             segment_dir: str | Path, refine_dir: str | Path | None, out_dir: str | Path,
-             params: dict[str, Any]) -> dict:
+def evaluate(
+    ingest_dir: str | Path,
+    lungs_dir: str | Path,
+    coarse_dir: str | Path,
+    mil_dir: str | Path,
+    segment_dir: str | Path,
+    refine_dir: str | Path | None,
+    out_dir: str | Path,
+    params: dict[str, Any],
+) -> dict:
     """Table-1 rows (coarse / fine / each round / final / prior) on the evaluation slices, and the final
     model's in-domain slice ranking beside the HU-band baseline (`metrics.json`)."""
     import json
@@ -117,15 +158,26 @@ def evaluate(ingest_dir: str | Path, lungs_dir: str | Path, coarse_dir: str | Pa
     from covseg.evaluate import evaluate_pipeline
 
     with tracking.stage_run("evaluate", params) as run, atomic_dir(out_dir) as scratch:
-        table = evaluate_pipeline(ingest_dir, lungs_dir, coarse_dir, mil_dir, segment_dir, refine_dir,
-                                  scratch / "panel.png", prior=params["fine"])
+        table = evaluate_pipeline(
+            ingest_dir,
+            lungs_dir,
+            coarse_dir,
+            mil_dir,
+            segment_dir,
+            refine_dir,
+            scratch / "panel.png",
+            prior=params["fine"],
+        )
         if refine_dir is not None:
             from covseg.refine import ROUNDS
 
             table["in_domain"] = json.loads((Path(refine_dir) / ROUNDS).read_text())["in_domain"]
         else:
-            table["in_domain"] = json.loads((Path(segment_dir) / "metrics.json").read_text()).get("in_domain", {}) \
-                if (Path(segment_dir) / "metrics.json").is_file() else {}
+            table["in_domain"] = (
+                json.loads((Path(segment_dir) / "metrics.json").read_text()).get("in_domain", {})
+                if (Path(segment_dir) / "metrics.json").is_file()
+                else {}
+            )
         _write_json(scratch / "metrics.json", table)
         tracking.log_metrics(run, table)
         if run is not None:
@@ -135,7 +187,9 @@ def evaluate(ingest_dir: str | Path, lungs_dir: str | Path, coarse_dir: str | Pa
     return table
 
 
-def gate_a(classify_dir: str | Path, coarse_dir: str | Path, report: str | Path, params: dict[str, Any]) -> dict:
+def gate_a(
+    classify_dir: str | Path, coarse_dir: str | Path, report: str | Path, params: dict[str, Any]
+) -> dict:
     """Gate A between coarse and fine labels: coarse-label statistics + the floor on the classifier's
     validation AUC over lung views (same scanner, both labels: the AUC that cannot be won by the source)."""
     import json
@@ -156,8 +210,9 @@ def gate_b(mil_dir: str | Path, report: str | Path, params: dict[str, Any]) -> d
 
     stats = pd.read_parquet(Path(mil_dir) / STATS)
     quality = json.loads((Path(mil_dir) / "metrics.json").read_text())["quality"]
-    tables = gates.label_gate_tables(stats, {"mil_val_negative_instance_accuracy":
-                                             quality["val_negative_instance_accuracy"]})
+    tables = gates.label_gate_tables(
+        stats, {"mil_val_negative_instance_accuracy": quality["val_negative_instance_accuracy"]}
+    )
     return gates.run_gate("gate_b", tables, gates.label_gate_checks(params["gate_b"]), report)
 
 
@@ -196,19 +251,36 @@ def register(ingest_dir: str | Path, segment_dir: str | Path, params: dict[str, 
         example[0, 16:48, 8:28] = example[0, 16:48, 36:56] = 30.0  # two dark "lungs" in a bright body
         example[example == 0] = 200.0
         version = model_logging.log_segmenter(
-            segmenter.model, model_code=MODEL_CODE, artifacts={SEGMENTER_META: str(weights.with_suffix(".json"))},
-            input_example=example, signature=signature(), registered_name=cfg["name"],
+            segmenter.model,
+            model_code=MODEL_CODE,
+            artifacts={SEGMENTER_META: str(weights.with_suffix(".json"))},
+            input_example=example,
+            signature=signature(),
+            registered_name=cfg["name"],
             tags={**tracking.lineage(params), "eval_dice": f"{candidate['dice']:.4f}"},
-            pip_requirements=[*model_logging.default_pip_requirements(), f"monai=={_version('monai')}",
-                              f"SimpleITK=={_version('SimpleITK')}"],
-            code_paths=[str(Path(__file__).parent)])
+            pip_requirements=[
+                *model_logging.default_pip_requirements(),
+                f"monai=={_version('monai')}",
+                f"SimpleITK=={_version('SimpleITK')}",
+            ],
+            code_paths=[str(Path(__file__).parent)],
+        )
         champion_scores = lambda uri: evaluate_ingested(  # noqa: E731
-            load_registered_segmenter(uri), ingest_dir, params.get("max_eval_slices", 0))["per_slice_dice"]
+            load_registered_segmenter(uri), ingest_dir, params.get("max_eval_slices", 0)
+        )["per_slice_dice"]
         decision = promotion.promote(
-            mlflow.MlflowClient(), cfg["name"],
-            promotion.Candidate(version.version, candidate["dice"], tuple(candidate["per_slice_dice"]),
-                                {k: candidate[k] for k in ("dice", "iou", "ppv", "sensitivity", "specificity")}),
-            score_champion=champion_scores, margin=cfg["margin"], confidence=cfg["confidence"],
-            floors=cfg["floors"])
+            mlflow.MlflowClient(),
+            cfg["name"],
+            promotion.Candidate(
+                version.version,
+                candidate["dice"],
+                tuple(candidate["per_slice_dice"]),
+                {k: candidate[k] for k in ("dice", "iou", "ppv", "sensitivity", "specificity")},
+            ),
+            score_champion=champion_scores,
+            margin=cfg["margin"],
+            confidence=cfg["confidence"],
+            floors=cfg["floors"],
+        )
         mlflow.set_tags({"promotion_decision": decision["decision"], "model_version": version.version})
     return {"version": version.version, "candidate": candidate, "decision": decision}

@@ -13,12 +13,14 @@ import os
 from collections.abc import Mapping
 from types import MappingProxyType
 
-TELEMETRY_OFF: Mapping[str, str] = MappingProxyType({
-    "GX_ANALYTICS_ENABLED": "False",
-    "DVC_NO_ANALYTICS": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "1",
-})
+TELEMETRY_OFF: Mapping[str, str] = MappingProxyType(
+    {
+        "GX_ANALYTICS_ENABLED": "False",
+        "DVC_NO_ANALYTICS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+    }
+)
 """Environment variables that switch telemetry off (read-only)."""
 
 

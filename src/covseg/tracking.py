@@ -60,8 +60,9 @@ def lineage(params: dict[str, Any]) -> dict[str, str]:
     """The lineage tags: git commit, data version (`data.dvc` md5), params hash and pipeline run id."""
     root = repo_root()
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = os.environ.get("COVSEG_GIT_COMMIT", "unknown")
     data_md5 = "unknown"
@@ -73,8 +74,13 @@ def lineage(params: dict[str, Any]) -> dict[str, str]:
         data_md5 = str(outs[0].get("md5", "unknown"))
     elif env := os.environ.get("COVSEG_DATA_MD5"):
         data_md5 = env
-    return {"git_commit": commit, "data_md5": data_md5, "params_hash": params_hash(params),
-            "pipeline_run_id": pipeline_run_id(params), "profile": str(params.get("profile"))}
+    return {
+        "git_commit": commit,
+        "data_md5": data_md5,
+        "params_hash": params_hash(params),
+        "pipeline_run_id": pipeline_run_id(params),
+        "profile": str(params.get("profile")),
+    }
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -103,8 +109,11 @@ def stage_run(stage: str, params: dict[str, Any], section: str | None = None) ->
     configure()
     tags = {"stage": stage, **lineage(params)}
     with mlflow.start_run(run_name=f"{stage}-{tags['pipeline_run_id']}", tags=tags) as run:
-        logged = {"profile": params.get("profile"), "seed": params.get("seed"),
-                  "image_size": params.get("image_size")}
+        logged = {
+            "profile": params.get("profile"),
+            "seed": params.get("seed"),
+            "image_size": params.get("image_size"),
+        }
         if section and section in params:
             logged.update({f"{section}.{k}": v for k, v in flatten(params[section]).items()})
         mlflow.log_params({k: str(v)[:500] for k, v in logged.items()})
@@ -119,8 +128,11 @@ def log_metrics(run: Any, metrics: dict[str, Any], prefix: str = "") -> None:
 
     import mlflow
 
-    flat = {f"{prefix}{k}": float(v) for k, v in flatten(metrics).items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))}
+    flat = {
+        f"{prefix}{k}": float(v)
+        for k, v in flatten(metrics).items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
     mlflow.log_metrics({k.replace("@", "_"): v for k, v in flat.items()})
 
 
@@ -132,5 +144,11 @@ def log_history(run: Any, history: list[dict[str, Any]], prefix: str) -> None:
 
     for record in history:
         step = int(record["epoch"])
-        mlflow.log_metrics({f"{prefix}.{k}": float(v) for k, v in record.items()
-                            if k != "epoch" and isinstance(v, int | float)}, step=step)
+        mlflow.log_metrics(
+            {
+                f"{prefix}.{k}": float(v)
+                for k, v in record.items()
+                if k != "epoch" and isinstance(v, int | float)
+            },
+            step=step,
+        )

@@ -69,8 +69,14 @@ class SliceSet:
         arrays = np.load(lungs_dir / SLICES)
         lungs = arrays["lung"]
         sides = arrays["side"] if "side" in arrays.files else np.where(lungs, 1, 0).astype(np.uint8)
-        return cls(arrays["image"].astype(np.float32), lungs, pd.read_parquet(lungs_dir / INDEX),
-                   tissue_ceiling, fill, sides)
+        return cls(
+            arrays["image"].astype(np.float32),
+            lungs,
+            pd.read_parquet(lungs_dir / INDEX),
+            tissue_ceiling,
+            fill,
+            sides,
+        )
 
     @classmethod
     def for_localisers(cls, lungs_dir: str | Path, params: dict[str, Any]) -> SliceSet:
@@ -84,8 +90,11 @@ class SliceSet:
         `tensor` and `lung_tensor` gather batches there: no per-batch numpy work or host-to-GPU copy (the
         training loops on the H100 were bound by that, bench/README.md; only the batch's row indices travel,
         see `device_index`). Returns self."""
-        self._resident = (torch.from_numpy(self._masked(self.images, self.lungs)).to(dev),
-                          torch.from_numpy(self.lungs).to(dev), torch.from_numpy(self._sides()).to(dev))
+        self._resident = (
+            torch.from_numpy(self._masked(self.images, self.lungs)).to(dev),
+            torch.from_numpy(self.lungs).to(dev),
+            torch.from_numpy(self._sides()).to(dev),
+        )
         return self
 
     def _sides(self) -> np.ndarray:
@@ -117,8 +126,11 @@ class SliceSet:
             return torch.where(hide, torch.full_like(x, self._hidden_value()), x)
         x = self._masked(self.images[rows], self.lungs[rows])
         if sides is not None:
-            x = np.where(self.side_masks(rows, sides) | (np.asarray(sides)[:, None, None] == 0), x,
-                         self._hidden_value()).astype(np.float32)
+            x = np.where(
+                self.side_masks(rows, sides) | (np.asarray(sides)[:, None, None] == 0),
+                x,
+                self._hidden_value(),
+            ).astype(np.float32)
         return torch.from_numpy(x)[:, None]
 
     def lung_tensor(self, rows: np.ndarray, sides: np.ndarray | None = None) -> torch.Tensor:
@@ -181,8 +193,13 @@ def balanced_weights(rows: pd.DataFrame) -> np.ndarray:
     return 1.0 / (cells * sources_per_label * n_labels)
 
 
-def batches(n_items: int, batch_size: int, weights: np.ndarray | None, rng: np.random.Generator,
-            n_draws: int | None = None) -> Iterator[np.ndarray]:
+def batches(
+    n_items: int,
+    batch_size: int,
+    weights: np.ndarray | None,
+    rng: np.random.Generator,
+    n_draws: int | None = None,
+) -> Iterator[np.ndarray]:
     """Index batches: weighted draws with replacement when `weights` is given, else a shuffled pass.
 
     Under torch.distributed every rank draws the same global batches (same seed) and yields its own disjoint
@@ -192,12 +209,18 @@ def batches(n_items: int, batch_size: int, weights: np.ndarray | None, rng: np.r
     else:
         order = rng.choice(n_items, size=n_draws or n_items, replace=True, p=weights / weights.sum())
     for start in range(0, len(order), batch_size):
-        yield distributed.shard(order[start:start + batch_size])
+        yield distributed.shard(order[start : start + batch_size])
 
 
-def fit(model: nn.Module, epochs: int, run_epoch: Callable[[int], dict[str, float]],
-        optimizer: torch.optim.Optimizer, checkpoint: Path, desc: str,
-        rngs: Sequence[np.random.Generator | torch.Generator] = ()) -> list[dict[str, Any]]:
+def fit(
+    model: nn.Module,
+    epochs: int,
+    run_epoch: Callable[[int], dict[str, float]],
+    optimizer: torch.optim.Optimizer,
+    checkpoint: Path,
+    desc: str,
+    rngs: Sequence[np.random.Generator | torch.Generator] = (),
+) -> list[dict[str, Any]]:
     """Run `run_epoch(epoch)` for each epoch, checkpointing model + optimizer + history after each one.
 
     If `checkpoint` exists (a killed run), training resumes after its last finished epoch; it is removed
@@ -225,7 +248,9 @@ def fit(model: nn.Module, epochs: int, run_epoch: Callable[[int], dict[str, floa
         start = len(history)
         _set_random_state(state["random"], rngs)
     hook = distributed.sync_gradients(model, optimizer) if parallel else None
-    bar = progress(range(start, epochs), desc=desc, unit="epoch", initial=start, total=epochs, disable=not main)
+    bar = progress(
+        range(start, epochs), desc=desc, unit="epoch", initial=start, total=epochs, disable=not main
+    )
     for epoch in bar:
         model.train()
         record = {"epoch": epoch, **run_epoch(epoch)}
@@ -235,8 +260,15 @@ def fit(model: nn.Module, epochs: int, run_epoch: Callable[[int], dict[str, floa
         bar.set_postfix({k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
         if main:
             tmp = checkpoint.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "history": json.dumps(history), "random": _random_state(rngs)}, tmp)
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "history": json.dumps(history),
+                    "random": _random_state(rngs),
+                },
+                tmp,
+            )
             tmp.replace(checkpoint)
     if hook is not None:
         hook.remove()
@@ -249,10 +281,14 @@ def fit(model: nn.Module, epochs: int, run_epoch: Callable[[int], dict[str, floa
 
 def _random_state(rngs: Sequence[np.random.Generator | torch.Generator]) -> dict[str, Any]:
     """The generators' states as tensors and JSON (what `torch.load(weights_only=True)` reads back)."""
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "rngs": [g.get_state() if isinstance(g, torch.Generator) else json.dumps(g.bit_generator.state)
-                     for g in rngs]}
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "rngs": [
+            g.get_state() if isinstance(g, torch.Generator) else json.dumps(g.bit_generator.state)
+            for g in rngs
+        ],
+    }
 
 
 def _set_random_state(state: dict[str, Any], rngs: Sequence[np.random.Generator | torch.Generator]) -> None:
@@ -266,7 +302,9 @@ def _set_random_state(state: dict[str, Any], rngs: Sequence[np.random.Generator 
             generator.bit_generator.state = json.loads(saved)
 
 
-def checkpoint_path(folder: str | Path, name: str, params: dict[str, Any], inputs: Sequence[str | Path]) -> Path:
+def checkpoint_path(
+    folder: str | Path, name: str, params: dict[str, Any], inputs: Sequence[str | Path]
+) -> Path:
     """`folder/<name>-<hash>.ckpt`, the hash over all of `params` and the top-level files of the `inputs`
     folders (name, size, SHA-256): a killed run resumes only when nothing changed, upstream included (an
     upstream parameter, a retrained classifier, new data). Deliberately conservative: any parameter change

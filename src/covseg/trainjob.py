@@ -31,8 +31,16 @@ class TrainJobFailed(RuntimeError):
         self.name, self.reason, self.message = name, reason, message
 
 
-def torchrun_command(stage: str, artifacts: str, data: str, params: str, inputs: dict[str, str] | None = None,
-                     output_uri: str = "", checkpoint_root: str = "", s3_endpoint_url: str = "") -> list[str]:
+def torchrun_command(
+    stage: str,
+    artifacts: str,
+    data: str,
+    params: str,
+    inputs: dict[str, str] | None = None,
+    output_uri: str = "",
+    checkpoint_root: str = "",
+    s3_endpoint_url: str = "",
+) -> list[str]:
     """The container command of every replica: torchrun reads nodes, node rank, processes per node and the
     master's address from the PET_* environment the operator sets; `covseg.launch` downloads the
     `inputs` (name -> s3:// prefix, e.g. a KFP input artifact's URI), trains, and rank 0 uploads the output to
@@ -40,18 +48,32 @@ def torchrun_command(stage: str, artifacts: str, data: str, params: str, inputs:
     command = ["torchrun", "-m", "covseg.launch", stage, artifacts, data, params]
     for name, url in sorted((inputs or {}).items()):
         command += ["--input", f"{name}={url}"]
-    for flag, value in (("--output-uri", output_uri), ("--checkpoint-root", checkpoint_root),
-                        ("--s3-endpoint-url", s3_endpoint_url)):
+    for flag, value in (
+        ("--output-uri", output_uri),
+        ("--checkpoint-root", checkpoint_root),
+        ("--s3-endpoint-url", s3_endpoint_url),
+    ):
         if value:
             command += [flag, value]
     return command
 
 
-def pytorchjob_manifest(name: str, image: str, command: Sequence[str], num_nodes: int, gpus_per_node: int,
-                        namespace: str = "kubeflow", pool: dict[str, Any] | None = None,
-                        env: dict[str, str] | None = None, service_account: str | None = None,
-                        cpu: str = "4", memory: str = "16Gi", backoff_limit: int = 2,
-                        ttl_seconds_after_finished: int = 86400, secret_env: str = "") -> dict[str, Any]:
+def pytorchjob_manifest(
+    name: str,
+    image: str,
+    command: Sequence[str],
+    num_nodes: int,
+    gpus_per_node: int,
+    namespace: str = "kubeflow",
+    pool: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    service_account: str | None = None,
+    cpu: str = "4",
+    memory: str = "16Gi",
+    backoff_limit: int = 2,
+    ttl_seconds_after_finished: int = 86400,
+    secret_env: str = "",
+) -> dict[str, Any]:
     """A PyTorchJob running `command` on `num_nodes` pods (one Master, num_nodes - 1 Workers) of
     `gpus_per_node` GPUs each, one process per GPU (one process per pod on CPU-only pods, gpus_per_node=0).
 
@@ -60,7 +82,9 @@ def pytorchjob_manifest(name: str, image: str, command: Sequence[str], num_nodes
     if num_nodes < 1 or gpus_per_node < 0:
         raise ValueError(f"num_nodes must be >= 1 and gpus_per_node >= 0 (got {num_nodes}, {gpus_per_node})")
     container: dict[str, Any] = {
-        "name": CONTAINER, "image": image, "command": list(command),
+        "name": CONTAINER,
+        "image": image,
+        "command": list(command),
         "env": [{"name": k, "value": v} for k, v in sorted((env or {}).items())],
         "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}},
     }
@@ -78,21 +102,33 @@ def pytorchjob_manifest(name: str, image: str, command: Sequence[str], num_nodes
         container["resources"]["requests"][pool["accelerator_resource"]] = gpus
         container["resources"]["limits"][pool["accelerator_resource"]] = gpus
         pod["nodeSelector"] = {pool["node_selector"]["key"]: pool["node_selector"]["value"]}
-        pod["tolerations"] = [{"key": pool["toleration"]["key"], "operator": "Equal",
-                               "value": pool["toleration"]["value"], "effect": pool["toleration"]["effect"]}]
-    replica = {"restartPolicy": "OnFailure", "template": {"metadata": {"labels": {"app": "covseg-train"}},
-                                                         "spec": pod}}
+        pod["tolerations"] = [
+            {
+                "key": pool["toleration"]["key"],
+                "operator": "Equal",
+                "value": pool["toleration"]["value"],
+                "effect": pool["toleration"]["effect"],
+            }
+        ]
+    replica = {
+        "restartPolicy": "OnFailure",
+        "template": {"metadata": {"labels": {"app": "covseg-train"}}, "spec": pod},
+    }
     replicas: dict[str, Any] = {"Master": {"replicas": 1, **replica}}
     if num_nodes > 1:
         replicas["Worker"] = {"replicas": num_nodes - 1, **replica}
     return {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
         "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "covseg"}},
         "spec": {
             "nprocPerNode": str(max(gpus_per_node, 1)),
             "pytorchReplicaSpecs": replicas,
-            "runPolicy": {"backoffLimit": backoff_limit, "cleanPodPolicy": "None",
-                          "ttlSecondsAfterFinished": ttl_seconds_after_finished},
+            "runPolicy": {
+                "backoffLimit": backoff_limit,
+                "cleanPodPolicy": "None",
+                "ttlSecondsAfterFinished": ttl_seconds_after_finished,
+            },
         },
     }
 
@@ -114,8 +150,9 @@ def custom_objects_api(api_client: Any = None) -> Any:
 
 def submit(manifest: dict[str, Any], api: Any) -> dict[str, Any]:
     """Create the job; returns the object the API server stored."""
-    return api.create_namespaced_custom_object(GROUP, VERSION, manifest["metadata"]["namespace"], PLURAL,
-                                               manifest)
+    return api.create_namespaced_custom_object(
+        GROUP, VERSION, manifest["metadata"]["namespace"], PLURAL, manifest
+    )
 
 
 def _outcome(obj: dict[str, Any]) -> tuple[str, str, str] | None:
@@ -126,8 +163,9 @@ def _outcome(obj: dict[str, Any]) -> tuple[str, str, str] | None:
     return None
 
 
-def wait(name: str, namespace: str, api: Any, timeout_s: float = 24 * 3600,
-         watch_timeout_s: int = 300) -> dict[str, Any]:
+def wait(
+    name: str, namespace: str, api: Any, timeout_s: float = 24 * 3600, watch_timeout_s: int = 300
+) -> dict[str, Any]:
     """Watch the job until a terminal condition; returns the object when Succeeded, raises `TrainJobFailed`
     with the job's reason when Failed, deleted, or still running after `timeout_s`. A watch the server
     closes (its timeout) is re-opened from the last resource version seen."""
@@ -137,9 +175,15 @@ def wait(name: str, namespace: str, api: Any, timeout_s: float = 24 * 3600,
     version = None
     while time.monotonic() < deadline:
         stream = watch.Watch().stream(
-            api.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL,
-            field_selector=f"metadata.name={name}", resource_version=version,
-            timeout_seconds=int(max(1, min(watch_timeout_s, deadline - time.monotonic()))))
+            api.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            field_selector=f"metadata.name={name}",
+            resource_version=version,
+            timeout_seconds=int(max(1, min(watch_timeout_s, deadline - time.monotonic()))),
+        )
         for event in stream:
             obj = event["object"]
             version = (obj.get("metadata") or {}).get("resourceVersion", version)
@@ -169,21 +213,50 @@ def job_name(stage: str, run_id: str) -> str:
     return slug[:63].rstrip("-")
 
 
-def launch_stage(stage: str, run_id: str, image: str, params: dict[str, Any], inputs: dict[str, str],
-                 output_uri: str, num_nodes: int, gpus_per_node: int, checkpoint_root: str = "",
-                 s3_endpoint_url: str = "", namespace: str = "kubeflow",
-                 service_account: str = "covseg-pipeline-runner", env: dict[str, str] | None = None,
-                 api: Any = None, timeout_s: float = 24 * 3600, secret_env: str = "") -> dict[str, Any]:
+def launch_stage(
+    stage: str,
+    run_id: str,
+    image: str,
+    params: dict[str, Any],
+    inputs: dict[str, str],
+    output_uri: str,
+    num_nodes: int,
+    gpus_per_node: int,
+    checkpoint_root: str = "",
+    s3_endpoint_url: str = "",
+    namespace: str = "kubeflow",
+    service_account: str = "covseg-pipeline-runner",
+    env: dict[str, str] | None = None,
+    api: Any = None,
+    timeout_s: float = 24 * 3600,
+    secret_env: str = "",
+) -> dict[str, Any]:
     """What a pipeline training task does in distributed mode: run `stage` as a PyTorchJob of `num_nodes`
     pods with `gpus_per_node` GPUs each, inputs read from and the output written to the task's artifact
     URIs, and wait; raises `TrainJobFailed` (failing the task) with the job's reason."""
     import json
 
-    command = torchrun_command(stage, "/tmp/covseg/artifacts", "/tmp/covseg/data", json.dumps(params, sort_keys=True),
-                               inputs, output_uri, checkpoint_root, s3_endpoint_url)
-    manifest = pytorchjob_manifest(job_name(stage, run_id), image, command, num_nodes, gpus_per_node,
-                                   namespace=namespace, env=env, service_account=service_account,
-                                   secret_env=secret_env)
+    command = torchrun_command(
+        stage,
+        "/tmp/covseg/artifacts",
+        "/tmp/covseg/data",
+        json.dumps(params, sort_keys=True),
+        inputs,
+        output_uri,
+        checkpoint_root,
+        s3_endpoint_url,
+    )
+    manifest = pytorchjob_manifest(
+        job_name(stage, run_id),
+        image,
+        command,
+        num_nodes,
+        gpus_per_node,
+        namespace=namespace,
+        env=env,
+        service_account=service_account,
+        secret_env=secret_env,
+    )
     return run(manifest, api, timeout_s)
 
 
@@ -193,9 +266,19 @@ S3_SECRET = "covseg-s3"
 """The Secret the pipeline's S3 tasks read their credentials from; the job's pods read the same one."""
 
 
-def train_in_job(stage: str, input_uris: dict[str, str], output_uri: str, output_path: str, params: dict[str, Any],
-                 num_nodes: int, gpus_per_node: int, checkpoint_root: str = "", s3_endpoint_url: str = "",
-                 api: Any = None, timeout_s: float = 24 * 3600) -> dict[str, Any]:
+def train_in_job(
+    stage: str,
+    input_uris: dict[str, str],
+    output_uri: str,
+    output_path: str,
+    params: dict[str, Any],
+    num_nodes: int,
+    gpus_per_node: int,
+    checkpoint_root: str = "",
+    s3_endpoint_url: str = "",
+    api: Any = None,
+    timeout_s: float = 24 * 3600,
+) -> dict[str, Any]:
     """A pipeline training task in distributed mode: `launch_stage` as a PyTorchJob, then the output rank 0
     uploaded to `output_uri` brought into `output_path` (the task's output artifact); returns the stage's
     result as the stage wrote it (`metrics.json`; `rounds.json` for refine)."""
@@ -208,11 +291,26 @@ def train_in_job(stage: str, input_uris: dict[str, str], output_uri: str, output
     image = os.environ.get(JOB_IMAGE_ENV, "")
     if not image:
         raise ValueError(f"${JOB_IMAGE_ENV} names no image: the pipeline sets it on its training tasks")
-    launch_stage(stage, os.environ.get("COVSEG_PIPELINE_RUN_ID", "run"), image, params, input_uris, output_uri,
-                 num_nodes, gpus_per_node, checkpoint_root, s3_endpoint_url, api=api, timeout_s=timeout_s,
-                 secret_env=S3_SECRET)
+    launch_stage(
+        stage,
+        os.environ.get("COVSEG_PIPELINE_RUN_ID", "run"),
+        image,
+        params,
+        input_uris,
+        output_uri,
+        num_nodes,
+        gpus_per_node,
+        checkpoint_root,
+        s3_endpoint_url,
+        api=api,
+        timeout_s=timeout_s,
+        secret_env=S3_SECRET,
+    )
     if not download_prefix(output_uri, output_path, s3_endpoint_url):
-        raise TrainJobFailed(job_name(stage, os.environ.get("COVSEG_PIPELINE_RUN_ID", "run")), "NoOutput",
-                             f"the job succeeded but wrote nothing under {output_uri}")
+        raise TrainJobFailed(
+            job_name(stage, os.environ.get("COVSEG_PIPELINE_RUN_ID", "run")),
+            "NoOutput",
+            f"the job succeeded but wrote nothing under {output_uri}",
+        )
     result = Path(output_path) / ("rounds.json" if stage == "refine" else "metrics.json")
     return json.loads(result.read_text())

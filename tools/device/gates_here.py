@@ -36,7 +36,10 @@ def main() -> int:
     params = load_params(args.profile)
     status = 0
     for name, call in (
-        ("gate_a", lambda: stages.gate_a(into / "classify", into / "coarse", into / "gates" / "gate_a.json", params)),
+        (
+            "gate_a",
+            lambda: stages.gate_a(into / "classify", into / "coarse", into / "gates" / "gate_a.json", params),
+        ),
         ("gate_b", lambda: stages.gate_b(into / "mil", into / "gates" / "gate_b.json", params)),
     ):
         try:

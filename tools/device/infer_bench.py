@@ -57,8 +57,9 @@ def flops_per_slice(model: torch.nn.Module, size: int, dev: torch.device) -> int
     return int(counter.get_total_flops())
 
 
-def time_batch(model: torch.nn.Module, batch: int, size: int, dev: torch.device, min_seconds: float,
-               max_calls: int = 200) -> dict:
+def time_batch(
+    model: torch.nn.Module, batch: int, size: int, dev: torch.device, min_seconds: float, max_calls: int = 200
+) -> dict:
     x = torch.rand(batch, 1, size, size, device=dev)
 
     def call() -> torch.Tensor:
@@ -77,12 +78,24 @@ def time_batch(model: torch.nn.Module, batch: int, size: int, dev: torch.device,
             sync(dev)
             times.append(time.perf_counter() - t0)
     median = statistics.median(times)
-    return {"batch": batch, "calls": len(times), "median_ms": round(median * 1e3, 3),
-            "best_ms": round(min(times) * 1e3, 3), "slices_per_s": round(batch / median, 1)}
+    return {
+        "batch": batch,
+        "calls": len(times),
+        "median_ms": round(median * 1e3, 3),
+        "best_ms": round(min(times) * 1e3, 3),
+        "slices_per_s": round(batch / median, 1),
+    }
 
 
-def sweep(model: torch.nn.Module, batches: list[int], size: int, dev: torch.device, min_seconds: float,
-          flops: int, peak_tflops: float | None) -> list[dict]:
+def sweep(
+    model: torch.nn.Module,
+    batches: list[int],
+    size: int,
+    dev: torch.device,
+    min_seconds: float,
+    flops: int,
+    peak_tflops: float | None,
+) -> list[dict]:
     rows = []
     for batch in batches:
         try:
@@ -99,8 +112,11 @@ def sweep(model: torch.nn.Module, batches: list[int], size: int, dev: torch.devi
             torch.cuda.reset_peak_memory_stats()
         row["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
         rows.append(row)
-        print(f"  batch {batch:4d}: {row['slices_per_s']:10.1f} slices/s  {row['median_ms']:9.2f} ms/call  "
-              f"{row['model_tflops']:7.2f} TFLOP/s", flush=True)
+        print(
+            f"  batch {batch:4d}: {row['slices_per_s']:10.1f} slices/s  {row['median_ms']:9.2f} ms/call  "
+            f"{row['model_tflops']:7.2f} TFLOP/s",
+            flush=True,
+        )
     return rows
 
 
@@ -116,8 +132,13 @@ def matmul_tflops(n: int, dev: torch.device, repeats: int = 30) -> dict:
         a @ b
     sync(dev)
     seconds = (time.perf_counter() - t0) / repeats
-    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "repeats": repeats,
-            "ms_per_product": round(seconds * 1e3, 4), "tflops": round(2 * n**3 / seconds / 1e12, 2)}
+    return {
+        "n": n,
+        "dtype": str(dtype).replace("torch.", ""),
+        "repeats": repeats,
+        "ms_per_product": round(seconds * 1e3, 4),
+        "tflops": round(2 * n**3 / seconds / 1e12, 2),
+    }
 
 
 def main() -> None:
@@ -136,12 +157,18 @@ def main() -> None:
     t_start = time.perf_counter()
     model, meta = load_model(args.model, tuple(int(f) for f in args.features.split(",")))
     model = model.to(dev).eval()
-    report: dict = {"device": str(dev), "torch": torch.__version__, "python": platform.python_version(),
-                    "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-                    "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor(),
-                    "autocast": "bf16" if dev.type == "cuda" else "none (float32)",
-                    "size": args.size, "model": meta,
-                    "params": sum(p.numel() for p in model.parameters())}
+    report: dict = {
+        "device": str(dev),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor(),
+        "autocast": "bf16" if dev.type == "cuda" else "none (float32)",
+        "size": args.size,
+        "model": meta,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
 
     print(f"matmul {args.matmul}^3 ...", flush=True)
     report["matmul"] = matmul_tflops(args.matmul, dev)
@@ -159,8 +186,9 @@ def main() -> None:
     if dev.type == "cuda" and not args.no_cudnn_benchmark_sweep:
         torch.backends.cudnn.benchmark = True
         print("sweep, cudnn.benchmark=True", flush=True)
-        report["sweep_cudnn_benchmark"] = sweep(model, batches, args.size, dev, args.min_seconds,
-                                                report["flops_per_slice"], peak)
+        report["sweep_cudnn_benchmark"] = sweep(
+            model, batches, args.size, dev, args.min_seconds, report["flops_per_slice"], peak
+        )
         torch.backends.cudnn.benchmark = False
     ok = [r for key in ("sweep", "sweep_cudnn_benchmark") for r in report.get(key, []) if "slices_per_s" in r]
     if ok:

@@ -21,11 +21,17 @@ def main() -> None:
     out = Path(args.out)
     carry = json.loads((Path(args.carry) / "carry.json").read_text())
     manifest = out / "artifacts_manifest.json"
-    body = {"profile": args.profile, "overrides": json.loads(os.environ.get("DEVICE_OVERRIDES") or "null"),
-            "simpleitk": args.simpleitk, "rc": dict(kv.split("=", 1) for kv in args.rc.split()),
-            "unpack_s": args.unpack_s, "bench_s": args.bench_s, "total_s": args.total_s,
-            "carry": {k: carry.get(k) for k in ("profile", "lungs_key", "git_commit", "total_bytes", "lungs")},
-            "artifacts": json.loads(manifest.read_text()) if manifest.is_file() else None}
+    body = {
+        "profile": args.profile,
+        "overrides": json.loads(os.environ.get("DEVICE_OVERRIDES") or "null"),
+        "simpleitk": args.simpleitk,
+        "rc": dict(kv.split("=", 1) for kv in args.rc.split()),
+        "unpack_s": args.unpack_s,
+        "bench_s": args.bench_s,
+        "total_s": args.total_s,
+        "carry": {k: carry.get(k) for k in ("profile", "lungs_key", "git_commit", "total_bytes", "lungs")},
+        "artifacts": json.loads(manifest.read_text()) if manifest.is_file() else None,
+    }
     manifest.unlink(missing_ok=True)
     (out / "job.json").write_text(json.dumps(body, indent=1))
     print("job.json:", json.dumps({k: body[k] for k in ("rc", "total_s", "simpleitk")}))

@@ -51,8 +51,10 @@ def main() -> None:
                 tar.add(path, arcname=str(path.relative_to(root)))
         manifest["parts"][name] = {str(p.relative_to(root)): p.stat().st_size for p in members}
     (out / "artifacts_manifest.json").write_text(json.dumps(manifest, indent=1))
-    print(f"packed {sum(len(m) for m in parts)} files into {len(manifest['parts'])} part(s); "
-          f"left behind: {list(manifest['left_behind']) or 'nothing'}")
+    print(
+        f"packed {sum(len(m) for m in parts)} files into {len(manifest['parts'])} part(s); "
+        f"left behind: {list(manifest['left_behind']) or 'nothing'}"
+    )
 
 
 if __name__ == "__main__":

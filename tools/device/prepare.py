@@ -38,9 +38,22 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 MONAI_WHEEL = "monai==1.6.1"
-PIP_PLATFORM = ["--no-deps", "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
-                "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
-                "--platform", "manylinux2014_x86_64", "--platform", "any"]
+PIP_PLATFORM = [
+    "--no-deps",
+    "--only-binary=:all:",
+    "--python-version",
+    "3.12",
+    "--implementation",
+    "cp",
+    "--platform",
+    "manylinux_2_28_x86_64",
+    "--platform",
+    "manylinux_2_17_x86_64",
+    "--platform",
+    "manylinux2014_x86_64",
+    "--platform",
+    "any",
+]
 
 
 def lungs_key(params: dict, ingest_dir: Path) -> str:
@@ -49,7 +62,9 @@ def lungs_key(params: dict, ingest_dir: Path) -> str:
 
     parts = {k: params.get(k) for k in ("image_size", "max_slices_per_volume", "max_eval_slices")}
     parts["manifest"] = sha256(ingest_dir / "manifest.parquet")
-    parts["code"] = {name: sha256(ROOT / "src" / "covseg" / name) for name in ("harmonise.py", "lungs.py", "io.py")}
+    parts["code"] = {
+        name: sha256(ROOT / "src" / "covseg" / name) for name in ("harmonise.py", "lungs.py", "io.py")
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -93,12 +108,19 @@ def pack_lungs(lungs_dir: Path, out: Path, bits: int) -> dict:
     if bits < 16 and (values.min() < 0 or values.max() > 1):
         raise SystemExit(f"{lungs_dir}: values outside [0, 1]; use --bits 16")
     codes = encode_values(values, bits)
-    payload = codes.astype(np.uint8).tobytes() if bits <= 8 else \
-        (codes >> 8).astype(np.uint8).tobytes() + (codes & 0xFF).astype(np.uint8).tobytes()
+    payload = (
+        codes.astype(np.uint8).tobytes()
+        if bits <= 8
+        else (codes >> 8).astype(np.uint8).tobytes() + (codes & 0xFF).astype(np.uint8).tobytes()
+    )
     out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "packed.npz", shape=np.array(image.shape, np.int64), bits=np.array(bits),
-             lung=np.frombuffer(lzma.compress(np.packbits(lung.ravel()).tobytes(), preset=6), np.uint8),
-             values=np.frombuffer(lzma.compress(payload, preset=6), np.uint8))
+    np.savez(
+        out / "packed.npz",
+        shape=np.array(image.shape, np.int64),
+        bits=np.array(bits),
+        lung=np.frombuffer(lzma.compress(np.packbits(lung.ravel()).tobytes(), preset=6), np.uint8),
+        values=np.frombuffer(lzma.compress(payload, preset=6), np.uint8),
+    )
     shutil.copyfile(lungs_dir / INDEX, out / INDEX)
     from unpack import unpack_arrays
 
@@ -109,10 +131,16 @@ def pack_lungs(lungs_dir: Path, out: Path, bits: int) -> dict:
     tolerance = 0.0 if bits == 16 else 0.5 / (2**bits - 1) + 2.0**-11  # half a step + float16 rounding
     if err.max() > tolerance:
         raise SystemExit(f"packing error {err.max():.2e} over {tolerance:.2e}")
-    return {"n_slices": int(image.shape[0]), "image_size": int(image.shape[-1]),
-            "lung_pixel_share": float(lung.mean()), "unpacked_bytes": int(image.nbytes + lung.nbytes),
-            "bits": bits, "lossless": bits == 16, "max_abs_error": float(err.max()),
-            "mean_abs_error_in_lung": float(err[lung].mean())}
+    return {
+        "n_slices": int(image.shape[0]),
+        "image_size": int(image.shape[-1]),
+        "lung_pixel_share": float(lung.mean()),
+        "unpacked_bytes": int(image.nbytes + lung.nbytes),
+        "bits": bits,
+        "lossless": bits == 16,
+        "max_abs_error": float(err.max()),
+        "mean_abs_error_in_lung": float(err[lung].mean()),
+    }
 
 
 def copy_eval_masks(ingest_dir: Path, out: Path) -> int:
@@ -132,8 +160,20 @@ def fetch_wheels(out: Path, wheel_cache: Path) -> list[str]:
     """monai (pure Python) for Python 3.12; downloaded once into `wheel_cache`, then copied."""
     wheel_cache.mkdir(parents=True, exist_ok=True)
     if not list(wheel_cache.glob("monai-1.6.1-*.whl")):
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", *PIP_PLATFORM, "-d", str(wheel_cache),
-                        MONAI_WHEEL], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                *PIP_PLATFORM,
+                "-d",
+                str(wheel_cache),
+                MONAI_WHEEL,
+            ],
+            check=True,
+        )
     out.mkdir(parents=True, exist_ok=True)
     names = []
     for wheel in sorted(wheel_cache.glob("*.whl")):
@@ -143,15 +183,21 @@ def fetch_wheels(out: Path, wheel_cache: Path) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--profile", default="full")
     parser.add_argument("--carry", default=str(ROOT / ".devcarry"), help="carry folder (replaced)")
     parser.add_argument("--ingest", default=None, help="ingest folder (default: artifacts/ingest)")
     parser.add_argument("--cache", default=str(ROOT / ".devcarry-build"), help="lungs-stage / wheel cache")
     parser.add_argument("--rebuild", action="store_true", help="recompute the lungs stage")
-    parser.add_argument("--bits", type=int, default=10,
-                        help="image values: 16 = the float16 values losslessly (~62 MiB at full: does not fit), "
-                             "else quantised to this many bits (10: ~45 MiB, max error 4.9e-4 on the 0..1 scale)")
+    parser.add_argument(
+        "--bits",
+        type=int,
+        default=10,
+        help="image values: 16 = the float16 values losslessly (~62 MiB at full: does not fit), "
+        "else quantised to this many bits (10: ~45 MiB, max error 4.9e-4 on the 0..1 scale)",
+    )
     parser.add_argument("--max-mib", type=float, default=56.0, help="refuse a carry bigger than this")
     args = parser.parse_args()
 
@@ -162,27 +208,47 @@ def main() -> None:
     ingest_dir = Path(args.ingest) if args.ingest else ROOT / params["artifacts_dir"] / "ingest"
     carry, cache = Path(args.carry), Path(args.cache)
     if not (ingest_dir / "manifest.parquet").is_file():
-        sys.exit(f"no ingest manifest at {ingest_dir}: in a fresh checkout run `make data` and "
-                 f"`COVSEG_TRACKING=0 .venv/bin/covseg ingest --profile {args.profile}` first (~4 min here)")
+        sys.exit(
+            f"no ingest manifest at {ingest_dir}: in a fresh checkout run `make data` and "
+            f"`COVSEG_TRACKING=0 .venv/bin/covseg ingest --profile {args.profile}` first (~4 min here)"
+        )
     lungs_dir, lungs_seconds = build_lungs(params, ingest_dir, cache, args.rebuild)
 
     scratch = carry.with_name(carry.name + ".tmp")
     shutil.rmtree(scratch, ignore_errors=True)
-    info = {"profile": args.profile, "image_size": params["image_size"], "lungs_key": lungs_dir.name,
-            "lungs_stage_seconds_here": lungs_seconds,
-            "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                         text=True).stdout.strip(),
-            "git_dirty_lungs_code": subprocess.run(
-                ["git", "status", "--porcelain", "src/covseg/harmonise.py", "src/covseg/lungs.py",
-                 "src/covseg/io.py", "src/covseg/ingest.py"], cwd=ROOT, capture_output=True,
-                text=True).stdout.splitlines(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    info = {
+        "profile": args.profile,
+        "image_size": params["image_size"],
+        "lungs_key": lungs_dir.name,
+        "lungs_stage_seconds_here": lungs_seconds,
+        "git_commit": subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
+        "git_dirty_lungs_code": subprocess.run(
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "src/covseg/harmonise.py",
+                "src/covseg/lungs.py",
+                "src/covseg/io.py",
+                "src/covseg/ingest.py",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.splitlines(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     info["lungs"] = pack_lungs(lungs_dir, scratch / "lungs", args.bits)
     info["eval_masks"] = copy_eval_masks(ingest_dir, scratch / "ingest")
     info["wheels"] = fetch_wheels(scratch / "wheels", cache / "wheels")
     files = sorted(p for p in scratch.rglob("*") if p.is_file())
-    info["files"] = {str(p.relative_to(scratch)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
-                     for p in files if p.suffix != ".png"}
+    info["files"] = {
+        str(p.relative_to(scratch)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+        for p in files
+        if p.suffix != ".png"
+    }
     info["total_bytes"] = sum(p.stat().st_size for p in files)
     (scratch / "carry.json").write_text(json.dumps(info, indent=2))
     mib = info["total_bytes"] / 2**20
@@ -190,7 +256,9 @@ def main() -> None:
         raise SystemExit(f"carry is {mib:.1f} MiB, over --max-mib {args.max_mib}: it would not travel")
     shutil.rmtree(carry, ignore_errors=True)
     scratch.rename(carry)
-    print(json.dumps({k: info[k] for k in ("profile", "image_size", "lungs", "eval_masks", "wheels")}, indent=1))
+    print(
+        json.dumps({k: info[k] for k in ("profile", "image_size", "lungs", "eval_masks", "wheels")}, indent=1)
+    )
     print(f"carry: {carry}  {mib:.1f} MiB")
 
 

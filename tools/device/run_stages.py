@@ -57,10 +57,16 @@ def main() -> int:
     parser.add_argument("--work", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--profile", default="full")
-    parser.add_argument("--overrides", default=os.environ.get("DEVICE_OVERRIDES", ""),
-                        help="JSON merged over the profile, e.g. '{\"segment\": {\"epochs\": 30}}'")
-    parser.add_argument("--stages", default="classify,coarse,gate_a,mil,gate_b,segment,evaluate",
-                        help="comma-separated; 'none' = the checks only")
+    parser.add_argument(
+        "--overrides",
+        default=os.environ.get("DEVICE_OVERRIDES", ""),
+        help='JSON merged over the profile, e.g. \'{"segment": {"epochs": 30}}\'',
+    )
+    parser.add_argument(
+        "--stages",
+        default="classify,coarse,gate_a,mil,gate_b,segment,evaluate",
+        help="comma-separated; 'none' = the checks only",
+    )
     parser.add_argument("--carry", default=None, help="carry folder: check its lungs key against this tree")
     args = parser.parse_args()
 
@@ -74,13 +80,18 @@ def main() -> int:
     overrides = json.loads(args.overrides) if args.overrides.strip() else None
     params = load_params(args.profile, overrides=overrides)
     art = work / "artifacts"
-    paths = {name: art / name for name in ("classify", "coarse", "mil", "segment", "refine", "evaluate", "gates")}
+    paths = {
+        name: art / name for name in ("classify", "coarse", "mil", "segment", "refine", "evaluate", "gates")
+    }
     lungs, ingest, checkpoints = work / "lungs", work / "ingest", work / "checkpoints"
 
     index_size = __import__("numpy").load(lungs / "slices.npz")["image"].shape[-1]
     if index_size != params["image_size"]:
-        print(f"error: carried lungs are {index_size} px, profile {args.profile} wants {params['image_size']}: "
-              "rerun tools/device/prepare.py", file=sys.stderr)
+        print(
+            f"error: carried lungs are {index_size} px, profile {args.profile} wants {params['image_size']}: "
+            "rerun tools/device/prepare.py",
+            file=sys.stderr,
+        )
         return 2
 
     carry_check: dict[str, object] = {}
@@ -91,38 +102,63 @@ def main() -> int:
         expected = f"lungs-{args.profile}-{lungs_key(params, Path(args.carry) / 'ingest')}"
         carry_check = {"carried": carried, "this_tree": expected, "matches": carried == expected}
         if carried != expected:
-            print(f"warning: carried lungs output {carried} was not made from this tree ({expected}): "
-                  "rerun tools/device/prepare.py (the job goes on with what was carried)", flush=True)
+            print(
+                f"warning: carried lungs output {carried} was not made from this tree ({expected}): "
+                "rerun tools/device/prepare.py (the job goes on with what was carried)",
+                flush=True,
+            )
 
     try:
         import great_expectations  # noqa: F401
+
         have_gx = True
     except ImportError:
         have_gx = False
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     record: dict[str, object] = {
-        "profile": args.profile, "overrides": overrides, "params_hash": params_hash(params),
+        "profile": args.profile,
+        "overrides": overrides,
+        "params_hash": params_hash(params),
         "epochs": {k: params[k]["epochs"] for k in ("classify", "mil", "segment")},
         "probe_epochs": params["classify"]["probe_epochs"],
         "draws_per_epoch": {k: params[k]["draws_per_epoch"] for k in ("classify", "mil", "segment")},
-        "image_size": params["image_size"], "device": dev,
+        "image_size": params["image_size"],
+        "device": dev,
         "gpu": torch.cuda.get_device_name(0) if dev == "cuda" else None,
-        "torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
-        "carry_check": carry_check, "stages": {}, "seconds": {}, "status": "running",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "carry_check": carry_check,
+        "stages": {},
+        "seconds": {},
+        "status": "running",
     }
 
     calls = {
         "classify": lambda: stages.classify(lungs, paths["classify"], params, checkpoints),
         "coarse": lambda: stages.coarse(lungs, paths["classify"], paths["coarse"], params),
-        "gate_a": lambda: stages.gate_a(paths["classify"], paths["coarse"], paths["gates"] / "gate_a.json", params),
-        "mil": lambda: stages.mil(lungs, paths["classify"], paths["coarse"], paths["mil"], params, checkpoints),
+        "gate_a": lambda: stages.gate_a(
+            paths["classify"], paths["coarse"], paths["gates"] / "gate_a.json", params
+        ),
+        "mil": lambda: stages.mil(
+            lungs, paths["classify"], paths["coarse"], paths["mil"], params, checkpoints
+        ),
         "gate_b": lambda: stages.gate_b(paths["mil"], paths["gates"] / "gate_b.json", params),
         "segment": lambda: stages.segment(lungs, paths["mil"], paths["segment"], params, checkpoints),
-        "refine": lambda: stages.refine(lungs, paths["coarse"], paths["mil"], paths["segment"], paths["refine"],
-                                        params, checkpoints),
-        "evaluate": lambda: stages.evaluate(ingest, lungs, paths["coarse"], paths["mil"], paths["segment"],
-                                            paths["refine"], paths["evaluate"], params),
+        "refine": lambda: stages.refine(
+            lungs, paths["coarse"], paths["mil"], paths["segment"], paths["refine"], params, checkpoints
+        ),
+        "evaluate": lambda: stages.evaluate(
+            ingest,
+            lungs,
+            paths["coarse"],
+            paths["mil"],
+            paths["segment"],
+            paths["refine"],
+            paths["evaluate"],
+            params,
+        ),
     }
     loops: list[dict] = []
     instrument_fit(loops)
@@ -138,8 +174,10 @@ def main() -> int:
     t_all = time.perf_counter()
     for name in [] if args.stages == "none" else args.stages.split(","):
         if name.startswith("gate") and not have_gx:
-            record["stages"][name] = {"status": "skipped: great_expectations is not installed here; run "
-                                                "tools/device/gates_here.py on the returned artifacts"}
+            record["stages"][name] = {
+                "status": "skipped: great_expectations is not installed here; run "
+                "tools/device/gates_here.py on the returned artifacts"
+            }
             write_json(out / "stage_times.json", record)
             continue
         print(f"=== {name} ===", flush=True)
@@ -151,8 +189,10 @@ def main() -> int:
         try:
             result = calls[name]()
         except Exception as exc:  # record, then stop the chain: later stages need this one's output
-            record["stages"][name] = {"status": f"failed: {type(exc).__name__}: {exc}",
-                                      "seconds": time.perf_counter() - t0}
+            record["stages"][name] = {
+                "status": f"failed: {type(exc).__name__}: {exc}",
+                "seconds": time.perf_counter() - t0,
+            }
             record["status"] = f"failed at {name}"
             write_json(out / "stage_times.json", record)
             traceback.print_exc()

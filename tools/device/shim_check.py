@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_shim():
-    spec = importlib.util.spec_from_file_location("sitk_shim", Path(__file__).parent / "shim" / "SimpleITK.py")
+    spec = importlib.util.spec_from_file_location(
+        "sitk_shim", Path(__file__).parent / "shim" / "SimpleITK.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -41,8 +43,9 @@ def otsu(sitk, cam: np.ndarray, lung: np.ndarray) -> float:
 
 def opening(sitk, images: np.ndarray, radius: int) -> np.ndarray:
     volume = sitk.GetImageFromArray(images.astype(np.float32))
-    return sitk.GetArrayFromImage(sitk.GrayscaleMorphologicalOpening(
-        volume, kernelRadius=[radius, radius, 0], kernelType=sitk.sitkBall))
+    return sitk.GetArrayFromImage(
+        sitk.GrayscaleMorphologicalOpening(volume, kernelRadius=[radius, radius, 0], kernelType=sitk.sitkBall)
+    )
 
 
 def main() -> int:
@@ -84,8 +87,12 @@ def main() -> int:
         lung = rng.random((size, size)) < 0.5
         a, b = otsu(real, cam, lung), otsu(shim, cam, lung)
         diffs.append(abs(a - b))
-    report["otsu"] = {"maps": len(diffs), "max_abs_threshold_diff": float(max(diffs)),
-                      "n_threshold_diff": int(sum(d > 0 for d in diffs)), "coarse_mask_pixels_differing": mask_diff_px}
+    report["otsu"] = {
+        "maps": len(diffs),
+        "max_abs_threshold_diff": float(max(diffs)),
+        "n_threshold_diff": int(sum(d > 0 for d in diffs)),
+        "coarse_mask_pixels_differing": mask_diff_px,
+    }
     ok &= mask_diff_px == 0 and max(diffs) == 0.0
 
     # Grey opening on canonical slices (float16 -> float32 as lesion_prior does), r = 1 and 2
@@ -96,7 +103,10 @@ def main() -> int:
         for name, data in (("slices", images), ("random", noise)):
             a, b = opening(real, data, radius), opening(shim, data, radius)
             n = int((a != b).sum())
-            report["opening"][f"{name}_r{radius}"] = {"pixels_differing": n, "max_abs_diff": float(np.abs(a - b).max())}
+            report["opening"][f"{name}_r{radius}"] = {
+                "pixels_differing": n,
+                "max_abs_diff": float(np.abs(a - b).max()),
+            }
             ok &= n == 0
 
     # Evaluation masks

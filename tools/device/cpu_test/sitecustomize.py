@@ -11,10 +11,22 @@ import importlib.machinery
 import os
 import sys
 
-ABSENT = {"mlflow", "great_expectations", "kfp", "kfp_kubernetes", "dvc", "dvc_s3", "boto3", "botocore",
-          "moto", "click"}  # click is on the device, but no stage may need the CLI
-ONLY_FROM = {"SimpleITK": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "shim"),
-             "monai": os.environ.get("DEVICE_SITE", "/tmp/site")}
+ABSENT = {
+    "mlflow",
+    "great_expectations",
+    "kfp",
+    "kfp_kubernetes",
+    "dvc",
+    "dvc_s3",
+    "boto3",
+    "botocore",
+    "moto",
+    "click",
+}  # click is on the device, but no stage may need the CLI
+ONLY_FROM = {
+    "SimpleITK": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "shim"),
+    "monai": os.environ.get("DEVICE_SITE", "/tmp/site"),
+}
 
 
 class _DeviceImitation:

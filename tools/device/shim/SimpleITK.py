@@ -138,8 +138,12 @@ def _ball(radius: tuple[int, ...]) -> np.ndarray:
     return sum((g / (r + 0.5)) ** 2 for g, r in zip(grids, radius, strict=True)) <= 1.0
 
 
-def GrayscaleMorphologicalOpening(image: Image, kernelRadius=(1, 1, 1), kernelType: int = sitkBall,  # noqa: N802, N803
-                                  safeBorder: bool = True) -> Image:  # noqa: N803
+def GrayscaleMorphologicalOpening(
+    image: Image,
+    kernelRadius=(1, 1, 1),
+    kernelType: int = sitkBall,  # noqa: N802, N803
+    safeBorder: bool = True,
+) -> Image:  # noqa: N803
     """Grey erosion then dilation with a flat kernel; `kernelRadius` in SimpleITK's (x, y, z) order."""
     from scipy import ndimage
 
@@ -164,5 +168,7 @@ def GrayscaleMorphologicalOpening(image: Image, kernelRadius=(1, 1, 1), kernelTy
 
 
 def __getattr__(name: str) -> object:
-    raise AttributeError(f"SimpleITK shim ({__file__}) has no {name!r}: this code path needs the real "
-                         "SimpleITK (see tools/device/README.md)")
+    raise AttributeError(
+        f"SimpleITK shim ({__file__}) has no {name!r}: this code path needs the real "
+        "SimpleITK (see tools/device/README.md)"
+    )
