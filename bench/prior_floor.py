@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.profile)
     slices = SliceSet.load(args.lungs_dir)
-    rows = slices.rows(args.split, params["classify"]["min_lung_fraction"])
+    rows = slices.rows(args.split, params["views"]["min_lung_fraction"])
     scores = {}
     for floor in np.round(np.arange(0.125, 0.301, 0.025), 3):
         fine = {**params["fine"], "min_intensity": float(floor)}

@@ -7,7 +7,7 @@ Dice of every row per seed plus the mask-free signals, with mean and spread.
 
     .venv/bin/python bench/seed_spread.py --seeds 20261126,7,11 --lungs artifacts/lungs --out /tmp/spread
     .venv/bin/python bench/seed_spread.py --seeds 20261126,7,11 --lungs artifacts/lungs --out /tmp/spread0 \\
-        --overrides '{"classify": {"outside_fill": 0.0}}'
+        --overrides '{"views": {"outside_fill": 0.0}}'
 
 Without --lungs the lungs stage of the profile is built into OUT/lungs from artifacts/ingest first.
 About 7.5 min per seed for `quick` on a 2-core CPU.
@@ -28,7 +28,7 @@ ROWS = ("coarse", "fine", "round0", "final", "prior")
 
 def run_seed(params: dict, lungs: Path, ingest: Path, out: Path) -> dict:
     """The chain for one parameter set into `out`; returns the evaluation table, mask-free signals, times."""
-    from covseg.layout import run_stage
+    from covseg.stages import run_stage
 
     out.mkdir(parents=True, exist_ok=True)
     for name, source in (("ingest", ingest), ("lungs", lungs)):  # shared inputs, linked not rebuilt

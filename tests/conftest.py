@@ -98,7 +98,7 @@ def trained_tiny(tmp_path_factory: pytest.TempPathFactory) -> TrainedTiny:
     """Run ingest -> evaluate once per session (tracking off) on a tiny real data tree (~40 s on 2 cores)."""
     from helpers import build_tiny_data, tiny_params
 
-    from covseg.layout import run_all
+    from covseg.stages import run_all
 
     root = tmp_path_factory.mktemp("trained-tiny")
     data = build_tiny_data(root / "data")

@@ -104,7 +104,7 @@ def test_accepted_layers_are_exactly_those_the_coarse_stage_can_use() -> None:
 
 def test_classify_stage_refuses_a_bad_layer_before_training(trained_tiny, tmp_path) -> None:
     """The check runs at the top of the classify stage: nothing trains, no output or checkpoint is written."""
-    from covseg.layout import run_stage
+    from covseg.stages import run_stage
 
     (tmp_path / "lungs").symlink_to(trained_tiny.stage("lungs"), target_is_directory=True)
     params = {**trained_tiny.params, "coarse": {**trained_tiny.params["coarse"], "layer": "encoder.block9"}}

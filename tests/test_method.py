@@ -40,7 +40,7 @@ def test_labels_stay_inside_lungs_and_on_positive_slices(trained_tiny) -> None:
 
 def test_masks_never_reach_training(trained_tiny, monkeypatch) -> None:
     """Weak supervision: the training stages must run with every evaluation mask unreadable."""
-    from covseg.layout import run_all
+    from covseg.stages import run_all
 
     ingest = trained_tiny.stage("ingest")
     manifest = pd.read_parquet(ingest / "manifest.parquet")
@@ -186,7 +186,7 @@ def test_tissue_ceiling_hides_soft_tissue_from_the_weak_localisers_only() -> Non
 
 
 def test_outside_fill_hides_the_lung_border_from_the_weak_localisers(tmp_path: Path) -> None:
-    """With classify.outside_fill the localisers see lung-level grey, not an edge, outside the lung mask and
+    """With views.outside_fill the localisers see lung-level grey, not an edge, outside the lung mask and
     on hidden soft tissue; parenchyma inside the lungs is unchanged, and so are the stored images."""
     import torch
 
@@ -204,9 +204,7 @@ def test_outside_fill_hides_the_lung_border_from_the_weak_localisers(tmp_path: P
     ]
     assert images[0, 1].tolist() == [pytest.approx(0.7), 0.0]
     params = load_params("quick")
-    assert params["classify"]["outside_fill"] == pytest.approx(
-        LUNG_LEVEL
-    )  # the harmonised healthy-lung level
+    assert params["views"]["outside_fill"] == pytest.approx(LUNG_LEVEL)  # the harmonised healthy-lung level
     np.savez(tmp_path / SLICES, image=images.astype(np.float16), lung=lungs)
     index.to_parquet(tmp_path / INDEX)
     localisers = SliceSet.for_localisers(tmp_path, params)  # what classify, coarse and mil load

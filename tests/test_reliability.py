@@ -126,7 +126,7 @@ def test_checkpoint_resumes_only_when_nothing_upstream_changed(tmp_path: Path) -
     (upstream / "classifier.pt").write_bytes(b"weights")
     name = checkpoint_path(tmp_path / "ckpt", "mil", params, [upstream])
     assert checkpoint_path(tmp_path / "ckpt", "mil", params, [upstream]) == name  # same run: resumes
-    changed = {**params, "classify": {**params["classify"], "tissue_ceiling": 0.6}}  # not a MIL setting
+    changed = {**params, "classify": {**params["classify"], "lr": 0.5}}  # not a MIL setting
     assert checkpoint_path(tmp_path / "ckpt", "mil", changed, [upstream]) != name
     time.sleep(0.01)
     downloaded = tmp_path / "again" / "classify"

@@ -91,7 +91,7 @@ def test_killed_ddp_run_resumes_from_rank0_checkpoint(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny_lungs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """Tiny real data through ingest and lungs (one process); params with 3 classifier epochs as JSON."""
-    from covseg.layout import run_all
+    from covseg.stages import run_all
 
     root = tmp_path_factory.mktemp("scale-tiny")
     data = build_tiny_data(root / "data")
@@ -261,7 +261,8 @@ def test_mil_segment_refine_under_torchrun_match_one_process(
     written by rank 0 only."""
     import shutil
 
-    from covseg.layout import run_all, stage
+    from covseg.layout import stage
+    from covseg.stages import run_all
 
     artifacts, data, params_file = tiny_lungs
     params = json.loads(params_file.read_text())

@@ -16,13 +16,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from covseg.classify import MODEL as CLASSIFIER
 from covseg.classify import lung_probabilities
+from covseg.layout import CAM_MAPS as MAPS
+from covseg.layout import CAM_STATS as STATS
+from covseg.layout import CLASSIFIER
 from covseg.nets import SliceClassifier
 from covseg.progress import progress
 from covseg.training import SliceSet, device, load_state
-
-MAPS, STATS = "coarse.npz", "coarse.parquet"
 
 
 def load_classifier(classify_dir: str | Path) -> SliceClassifier:

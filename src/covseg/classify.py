@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from covseg.layout import CLASSIFIER as MODEL
 from covseg.nets import SliceClassifier
 from covseg.training import (
     SliceSet,
@@ -33,8 +34,6 @@ from covseg.training import (
     save_model,
     seed_everything,
 )
-
-MODEL = "classifier.pt"
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -202,7 +201,7 @@ def train_classifier(
     cfg = params["classify"]
     slices = SliceSet.for_localisers(lungs_dir, params).to(device())
     out_dir, checkpoint_dir = Path(out_dir), Path(checkpoint_dir)
-    train = training_views(slices, "train", cfg["min_lung_fraction"])
+    train = training_views(slices, "train", params["views"]["min_lung_fraction"])
     if train.empty or train["label"].nunique() < 2:
         from covseg.errors import InputError
 
@@ -219,8 +218,10 @@ def train_classifier(
         checkpoint_path(checkpoint_dir, "classifier", params, [lungs_dir]),
         "classify",
     )
-    val_auc = view_auc(model, slices, "val", cfg["min_lung_fraction"])
-    probe = feature_probe(model, slices, cfg["min_lung_fraction"]) if cfg["probe_epochs"] > 0 else {}
+    val_auc = view_auc(model, slices, "val", params["views"]["min_lung_fraction"])
+    probe = (
+        feature_probe(model, slices, params["views"]["min_lung_fraction"]) if cfg["probe_epochs"] > 0 else {}
+    )
     save_model(
         model.cpu(),
         out_dir / MODEL,
@@ -232,7 +233,7 @@ def train_classifier(
         "probe": probe,
         "n_train": len(train),
         "n_train_positive": int(train["label"].sum()),
-        "n_val": len(training_views(slices, "val", cfg["min_lung_fraction"])),
+        "n_val": len(training_views(slices, "val", params["views"]["min_lung_fraction"])),
     }
 
 

@@ -14,12 +14,12 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from covseg.cam import MAPS as CAM_MAPS
 from covseg.harmonise import from_canonical, geometry_of
 from covseg.ingest import read_manifest
 from covseg.io import SLICE_SUFFIXES, InputError, read_mask, read_slice
+from covseg.layout import CAM_MAPS
+from covseg.layout import FINE_LABELS as FINE
 from covseg.metrics import slice_metrics, summarise
-from covseg.mil import LABELS as FINE
 from covseg.prior import lesion_prior
 from covseg.segment import load_segmenter, segment_canonical
 from covseg.training import SliceSet, device

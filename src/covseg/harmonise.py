@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from covseg.layout import INDEX, SLICES
 from covseg.progress import progress
 
 LUNG_LEVEL, BODY_LEVEL = 0.1, 0.6
@@ -179,9 +180,6 @@ def canonical_slice(image: np.ndarray, domain: str, size: int) -> tuple[np.ndarr
     """One raw slice -> (normalised lung-masked image, lung mask, geometry), canonical size x size."""
     out = harmonise_slice(image, domain, size)
     return out.image, out.lung, out.geometry
-
-
-SLICES, INDEX = "slices.npz", "index.parquet"
 
 
 def _subsample(manifest: pd.DataFrame, per_volume: int) -> pd.DataFrame:

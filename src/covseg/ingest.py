@@ -33,9 +33,9 @@ from covseg.io import (
     read_volume,
     sha256_file,
 )
+from covseg.layout import MANIFEST
 
 UNKNOWN = -1
-MANIFEST = "manifest.parquet"
 
 
 @dataclass

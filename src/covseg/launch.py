@@ -2,7 +2,7 @@
 
 `python -m covseg.launch STAGE ARTIFACTS DATA PARAMS [--input NAME=s3://...] [--output-uri s3://...]`
 under `torchrun`: every rank joins the process group (`covseg.distributed`), downloads the stage's inputs,
-runs the stage through the stage table (`covseg.layout.run_stage`), and rank 0 alone writes the output
+runs the stage through the stage table (`covseg.stages.run_stage`), and rank 0 alone writes the output
 (uploaded to `--output-uri`), metrics and MLflow runs. Kept apart from `covseg.distributed`, which the
 training loops import: this module sits above the stage table, that one below it.
 """
@@ -65,7 +65,7 @@ def run_stage(
     checkpoint_root: str = "",
     endpoint_url: str = "",
 ) -> Any:
-    """Run one training stage on every rank (`covseg.layout.run_stage`): rank 0 into `artifacts`, the other
+    """Run one training stage on every rank (`covseg.stages.run_stage`): rank 0 into `artifacts`, the other
     ranks into a throw-away folder holding links to the same inputs, with tracking off, so that only rank 0
     writes outputs, metrics and MLflow runs.
 
@@ -80,7 +80,7 @@ def run_stage(
 
     from covseg.checkpoint_store import durable_checkpoints
     from covseg.layout import CHECKPOINTS, DATA, stage
-    from covseg.layout import run_stage as run_one
+    from covseg.stages import run_stage as run_one
 
     init_from_env()
     try:

@@ -1,15 +1,15 @@
 """The one stage table: each stage's name, the artifacts it reads, what it writes, whether it trains.
 
-The CLI's `covseg run`, the test fixtures and the bench scripts run stages through `run_stage` /
-`run_all`; `dvc.yaml` and the KFP graph (`pipelines/train_pipeline.py`) are checked against `STAGES` by
-tests/test_layout.py. Functions live in `covseg.stages` under the stage's name.
+The CLI's `covseg run` follows its order; the test fixtures and the bench scripts run stages through
+`covseg.stages.run_stage` / `run_all`; `dvc.yaml` and the KFP graph (`pipelines/train_pipeline.py`) are
+checked against `STAGES` by tests/test_layout.py. Functions live in `covseg.stages` under the stage's name.
+Below the table: the file names each stage writes inside its output folder, so that no stage module imports
+another for a file name. This module imports nothing of covseg.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 DATA = "data"
 """The input name that means the raw data folder (not an artifact)."""
@@ -43,6 +43,22 @@ STAGES: tuple[Stage, ...] = (
 )
 CHECKPOINTS = "checkpoints"
 
+# Artifact file names, one place: what each stage writes inside its output folder.
+MANIFEST = "manifest.parquet"
+"""ingest: one row per slice."""
+SLICES, INDEX = "slices.npz", "index.parquet"
+"""lungs: the canonical slices (image, lung, side) and their index."""
+CLASSIFIER = "classifier.pt"
+"""classify: the view classifier's weights (+ JSON metadata beside it)."""
+CAM_MAPS, CAM_STATS = "coarse.npz", "coarse.parquet"
+"""coarse: Grad-CAM maps and coarse labels; per-slice statistics."""
+MIL_MODEL, FINE_LABELS, FINE_STATS = "mil.pt", "fine.npz", "fine.parquet"
+"""mil: the MIL network; the fine labels (+ patch-score maps); their statistics."""
+SEGMENTER = "segmenter.pt"
+"""segment and refine: the U-Net's weights (+ JSON metadata beside it)."""
+ROUNDS, REFINED_LABELS = "rounds.json", "labels.npz"
+"""refine: the per-round record; the last round's labels."""
+
 
 def stage(name: str) -> Stage:
     """The stage called `name` (KeyError naming the known stages otherwise)."""
@@ -50,32 +66,3 @@ def stage(name: str) -> Stage:
         if item.name == name:
             return item
     raise KeyError(f"no stage {name!r}; stages: {', '.join(s.name for s in STAGES)}")
-
-
-def run_stage(name: str, artifacts: str | Path, data: str | Path, params: dict[str, Any]) -> Any:
-    """Run one stage on the artifacts folder (inputs read from it, output written into it)."""
-    from covseg import stages
-
-    item, artifacts = stage(name), Path(artifacts)
-    args: list[Any] = [Path(data) if i == DATA else artifacts / i for i in item.inputs]
-    if item.output is not None:
-        args.append(artifacts / item.output)
-    args.append(params)
-    if item.trains:
-        args.append(artifacts / CHECKPOINTS)
-    return getattr(stages, name)(*args)
-
-
-def run_all(
-    artifacts: str | Path,
-    data: str | Path,
-    params: dict[str, Any],
-    until: str = "evaluate",
-    start: str = "ingest",
-) -> dict[str, Any]:
-    """Run the stages from `start` to `until` (inclusive) in order; returns each stage's result."""
-    names = [s.name for s in STAGES]
-    return {
-        name: run_stage(name, artifacts, data, params)
-        for name in names[names.index(start) : names.index(until) + 1]
-    }

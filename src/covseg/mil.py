@@ -22,10 +22,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from covseg.cam import MAPS as CAM_MAPS
-from covseg.cam import STATS as CAM_STATS
 from covseg.cam import label_stats, load_classifier
 from covseg.classify import predict_logits, training_views
+from covseg.layout import CAM_MAPS, CAM_STATS
+from covseg.layout import FINE_LABELS as LABELS
+from covseg.layout import FINE_STATS as STATS
+from covseg.layout import MIL_MODEL as MODEL
 from covseg.nets import MILNet
 from covseg.prior import allowed_lungs, lesion_prior
 from covseg.training import (
@@ -41,8 +43,6 @@ from covseg.training import (
     save_model,
     seed_everything,
 )
-
-MODEL, LABELS, STATS = "mil.pt", "fine.npz", "fine.parquet"
 
 
 def to_patches(
@@ -125,7 +125,7 @@ def train_mil(
     slices = SliceSet.for_localisers(lungs_dir, params).to(dev)
     out_dir, checkpoint_dir = Path(out_dir), Path(checkpoint_dir)
     classifier = load_classifier(classify_dir).to(dev)
-    min_lung = params["classify"]["min_lung_fraction"]
+    min_lung = params["views"]["min_lung_fraction"]
     bags = training_views(slices, "train", min_lung)
     bag_rows, bag_sides, bag_labels = (
         bags["row"].to_numpy(),
@@ -199,7 +199,7 @@ def mil_quality(model: MILNet, slices: SliceSet, params: dict[str, Any]) -> dict
     from covseg.classify import roc_auc
 
     cfg = params["mil"]
-    val = training_views(slices, "val", params["classify"]["min_lung_fraction"])
+    val = training_views(slices, "val", params["views"]["min_lung_fraction"])
     rows, sides, labels = val["row"].to_numpy(), val["side"].to_numpy(), val["label"].to_numpy()
     probs = score_instances(model, slices, rows, cfg, sides)
     bag_score = probs.max(axis=1) if len(probs) else np.zeros(0)

@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from covseg.cam import MAPS as CAM_MAPS
-from covseg.mil import LABELS as FINE
+from covseg.layout import CAM_MAPS, ROUNDS
+from covseg.layout import FINE_LABELS as FINE
+from covseg.layout import REFINED_LABELS as LABELS
 from covseg.prior import allowed_lungs, lesion_prior
 from covseg.segment import (
     MODEL,
@@ -35,8 +36,6 @@ from covseg.segment import (
     training_rows,
 )
 from covseg.training import SliceSet, checkpoint_path, device
-
-ROUNDS, LABELS = "rounds.json", "labels.npz"
 
 
 def label_agreement(a: np.ndarray, b: np.ndarray) -> float:

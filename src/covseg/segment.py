@@ -20,7 +20,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from covseg.mil import LABELS as FINE
+from covseg.layout import FINE_LABELS as FINE
+from covseg.layout import SEGMENTER as MODEL
 from covseg.nets import build_segmenter
 from covseg.training import (
     SliceSet,
@@ -35,8 +36,6 @@ from covseg.training import (
     save_model,
     seed_everything,
 )
-
-MODEL = "segmenter.pt"
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
@@ -55,7 +54,7 @@ def training_rows(slices: SliceSet, params: dict[str, Any], split: str = "train"
             f"segment.exclude_sources names no source: {sorted(unknown)}; "
             f"sources: {sorted(set(slices.index['source']))}"
         )
-    rows = slices.rows(split, params["classify"]["min_lung_fraction"])
+    rows = slices.rows(split, params["views"]["min_lung_fraction"])
     return rows[~rows["source"].isin(excluded)]
 
 
@@ -206,7 +205,7 @@ def in_domain_ranking(
     learning), lung area alone (`lung_area_auc`), and per lung against the lobe labels (`lung_auc`)."""
     from covseg.classify import roc_auc, two_label_sources
 
-    rows = slices.rows(split, params["classify"]["min_lung_fraction"])
+    rows = slices.rows(split, params["views"]["min_lung_fraction"])
     rows = rows[rows["source"].isin(two_label_sources(slices.index))]
     if rows.empty:
         return {"n_slices": 0}

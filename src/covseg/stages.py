@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from covseg import gates, tracking
+from covseg import gates, layout, tracking
 from covseg import ingest as ingest_mod
 from covseg.io import atomic_dir
 
@@ -284,3 +284,30 @@ def register(ingest_dir: str | Path, segment_dir: str | Path, params: dict[str, 
         )
         mlflow.set_tags({"promotion_decision": decision["decision"], "model_version": version.version})
     return {"version": version.version, "candidate": candidate, "decision": decision}
+
+
+def run_stage(name: str, artifacts: str | Path, data: str | Path, params: dict[str, Any]) -> Any:
+    """Run one stage on the artifacts folder (inputs read from it, output written into it)."""
+    item, artifacts = layout.stage(name), Path(artifacts)
+    args: list[Any] = [Path(data) if i == layout.DATA else artifacts / i for i in item.inputs]
+    if item.output is not None:
+        args.append(artifacts / item.output)
+    args.append(params)
+    if item.trains:
+        args.append(artifacts / layout.CHECKPOINTS)
+    return globals()[name](*args)
+
+
+def run_all(
+    artifacts: str | Path,
+    data: str | Path,
+    params: dict[str, Any],
+    until: str = "evaluate",
+    start: str = "ingest",
+) -> dict[str, Any]:
+    """Run the stages from `start` to `until` (inclusive) in order; returns each stage's result."""
+    names = [s.name for s in layout.STAGES]
+    return {
+        name: run_stage(name, artifacts, data, params)
+        for name in names[names.index(start) : names.index(until) + 1]
+    }

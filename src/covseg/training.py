@@ -57,7 +57,7 @@ class SliceSet:
     parenchyma, not mediastinum; `images` stay as they are."""
     fill: float = 0.0
     """With a tissue ceiling: what `tensor` shows outside the lungs and on hidden soft tissue. At the healthy
-    lung level (`classify.outside_fill: 0.1`) the lung border is no edge and the lung's outline no shape:
+    lung level (`views.outside_fill: 0.1`) the lung border is no edge and the lung's outline no shape:
     Grad-CAM on zero-filled inputs followed the border (correlation of CAM with depth into the lung -0.51 on
     medseg-100, -0.27 with the fill), and MIL patches on the border were mostly edge."""
     sides: np.ndarray | None = None
@@ -80,9 +80,9 @@ class SliceSet:
 
     @classmethod
     def for_localisers(cls, lungs_dir: str | Path, params: dict[str, Any]) -> SliceSet:
-        """The slices as the weak localisers (classifier, Grad-CAM, MIL) see them (`classify.tissue_ceiling`,
-        `classify.outside_fill`)."""
-        cfg = params["classify"]
+        """The slices as the weak localisers (classifier, Grad-CAM, MIL) see them (`views.tissue_ceiling`,
+        `views.outside_fill`)."""
+        cfg = params["views"]
         return cls.load(lungs_dir, cfg.get("tissue_ceiling"), float(cfg.get("outside_fill", 0.0)))
 
     def to(self, dev: torch.device) -> SliceSet:
