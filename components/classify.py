@@ -41,24 +41,16 @@ def classify(
     import json
 
     from covseg import stages
-    from covseg.checkpoint_store import durable_checkpoints
 
     use_tracking(mlflow_tracking_uri, data_version)
-    if num_nodes * gpus_per_node > 1:  # a PyTorchJob trains; rank 0 writes the output artifact
-        from covseg.trainjob import train_in_job
-
-        result = train_in_job(
-            "classify",
-            {"lungs": slices.uri},
-            classifier.uri,
-            classifier.path,
-            json.loads(params_json),
-            num_nodes,
-            gpus_per_node,
-            checkpoint_root,
-            s3_endpoint_url,
-        )
-    else:
-        with durable_checkpoints(checkpoint_root, "classify", s3_endpoint_url) as checkpoints:
-            result = stages.classify(slices.path, classifier.path, json.loads(params_json), checkpoints)
+    result = stages.run_training_task(
+        "classify",
+        {"lungs": slices},
+        classifier,
+        json.loads(params_json),
+        checkpoint_root,
+        s3_endpoint_url,
+        num_nodes,
+        gpus_per_node,
+    )
     log_numbers(metrics, {key: result[key] for key in ("val_auc", "probe", "n_train", "n_val")})

@@ -45,31 +45,16 @@ def mil(
     import json
 
     from covseg import stages
-    from covseg.checkpoint_store import durable_checkpoints
 
     use_tracking(mlflow_tracking_uri, data_version)
-    if num_nodes * gpus_per_node > 1:  # a PyTorchJob trains; rank 0 writes the output artifact
-        from covseg.trainjob import train_in_job
-
-        result = train_in_job(
-            "mil",
-            {"lungs": slices.uri, "classify": classifier.uri, "coarse": coarse_labels.uri},
-            fine_labels.uri,
-            fine_labels.path,
-            json.loads(params_json),
-            num_nodes,
-            gpus_per_node,
-            checkpoint_root,
-            s3_endpoint_url,
-        )
-    else:
-        with durable_checkpoints(checkpoint_root, "mil", s3_endpoint_url) as checkpoints:
-            result = stages.mil(
-                slices.path,
-                classifier.path,
-                coarse_labels.path,
-                fine_labels.path,
-                json.loads(params_json),
-                checkpoints,
-            )
+    result = stages.run_training_task(
+        "mil",
+        {"lungs": slices, "classify": classifier, "coarse": coarse_labels},
+        fine_labels,
+        json.loads(params_json),
+        checkpoint_root,
+        s3_endpoint_url,
+        num_nodes,
+        gpus_per_node,
+    )
     log_numbers(metrics, result["quality"])

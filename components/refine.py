@@ -45,39 +45,18 @@ def refine(
     import json
 
     from covseg import stages
-    from covseg.checkpoint_store import durable_checkpoints
 
     use_tracking(mlflow_tracking_uri, data_version)
-    if num_nodes * gpus_per_node > 1:  # a PyTorchJob trains; rank 0 writes the output artifact
-        from covseg.trainjob import train_in_job
-
-        result = train_in_job(
-            "refine",
-            {
-                "lungs": slices.uri,
-                "coarse": coarse_labels.uri,
-                "mil": fine_labels.uri,
-                "segment": segmenter.uri,
-            },
-            refined.uri,
-            refined.path,
-            json.loads(params_json),
-            num_nodes,
-            gpus_per_node,
-            checkpoint_root,
-            s3_endpoint_url,
-        )
-    else:
-        with durable_checkpoints(checkpoint_root, "refine", s3_endpoint_url) as checkpoints:
-            result = stages.refine(
-                slices.path,
-                coarse_labels.path,
-                fine_labels.path,
-                segmenter.path,
-                refined.path,
-                json.loads(params_json),
-                checkpoints,
-            )
+    result = stages.run_training_task(
+        "refine",
+        {"lungs": slices, "coarse": coarse_labels, "mil": fine_labels, "segment": segmenter},
+        refined,
+        json.loads(params_json),
+        checkpoint_root,
+        s3_endpoint_url,
+        num_nodes,
+        gpus_per_node,
+    )
     metrics.log_metric("final_round", result["final_round"])
     for key in ("slice_auc", "hu_band_auc", "lung_auc"):
         value = result["in_domain"].get(key)

@@ -43,28 +43,18 @@ def segment(
     import json
 
     from covseg import stages
-    from covseg.checkpoint_store import durable_checkpoints
 
     use_tracking(mlflow_tracking_uri, data_version)
-    if num_nodes * gpus_per_node > 1:  # a PyTorchJob trains; rank 0 writes the output artifact
-        from covseg.trainjob import train_in_job
-
-        result = train_in_job(
-            "segment",
-            {"lungs": slices.uri, "mil": fine_labels.uri},
-            segmenter.uri,
-            segmenter.path,
-            json.loads(params_json),
-            num_nodes,
-            gpus_per_node,
-            checkpoint_root,
-            s3_endpoint_url,
-        )
-    else:
-        with durable_checkpoints(checkpoint_root, "segment", s3_endpoint_url) as checkpoints:
-            result = stages.segment(
-                slices.path, fine_labels.path, segmenter.path, json.loads(params_json), checkpoints
-            )
+    result = stages.run_training_task(
+        "segment",
+        {"lungs": slices, "mil": fine_labels},
+        segmenter,
+        json.loads(params_json),
+        checkpoint_root,
+        s3_endpoint_url,
+        num_nodes,
+        gpus_per_node,
+    )
     metrics.log_metric("n_train", result["n_train"])
     if result["history"]:
         metrics.log_metric("last_loss", float(result["history"][-1]["loss"]))

@@ -311,3 +311,43 @@ def run_all(
         name: run_stage(name, artifacts, data, params)
         for name in names[names.index(start) : names.index(until) + 1]
     }
+
+
+def run_training_task(
+    name: str,
+    inputs: dict[str, Any],
+    output: Any,
+    params: dict[str, Any],
+    checkpoint_root: str,
+    s3_endpoint_url: str,
+    num_nodes: int = 1,
+    gpus_per_node: int = 1,
+) -> dict:
+    """What a pipeline training task runs (classify, mil, segment, refine; `components/`).
+
+    `inputs` maps the stage's input names (`covseg.layout`) to artifacts and `output` is the output
+    artifact: anything with `.path` and `.uri` (KFP's). With one process in all (`num_nodes` x
+    `gpus_per_node` == 1) the stage trains here, its epoch checkpoints kept under `checkpoint_root`
+    (`checkpoint_store.durable_checkpoints`); otherwise a PyTorchJob trains it (`trainjob.train_in_job`)
+    and its output is brought into `output.path`. Returns the stage's result either way.
+    """
+    if num_nodes * gpus_per_node > 1:
+        from covseg.trainjob import train_in_job
+
+        uris = {key: artifact.uri for key, artifact in inputs.items()}
+        return train_in_job(
+            name,
+            uris,
+            output.uri,
+            output.path,
+            params,
+            num_nodes,
+            gpus_per_node,
+            checkpoint_root,
+            s3_endpoint_url,
+        )
+    from covseg.checkpoint_store import durable_checkpoints
+
+    item = layout.stage(name)
+    with durable_checkpoints(checkpoint_root, name, s3_endpoint_url) as checkpoints:
+        return globals()[name](*[inputs[i].path for i in item.inputs], output.path, params, checkpoints)
