@@ -340,7 +340,7 @@ def test_stage_job_reads_inputs_from_s3_and_rank0_uploads_the_output(
     prefix while training and swept after."""
     from servers import FAKE_AWS_ENV
 
-    from covseg.launch import upload_folder
+    from covseg.data import upload_folder
 
     artifacts, data, params_file = tiny_lungs
     client = moto_server.s3_client()

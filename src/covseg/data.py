@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -168,3 +169,43 @@ def _download_all(s3: Any, bucket: str, files: list[tuple[str, str, str]], dest:
 
     with ThreadPoolExecutor(max_workers=_DOWNLOAD_THREADS) as pool:
         list(pool.map(fetch, files))
+
+
+def _s3_client(endpoint_url: str = "") -> Any:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint_url or None)
+
+
+def _split_s3_url(url: str) -> tuple[str, str]:
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    return bucket, prefix.strip("/")
+
+
+def download_prefix(url: str, folder: str | os.PathLike, endpoint_url: str = "") -> int:
+    """Copy every object under `s3://bucket/prefix` into `folder` (same relative paths); returns the count."""
+    from pathlib import Path
+
+    client, (bucket, prefix) = _s3_client(endpoint_url), _split_s3_url(url)
+    n = 0
+    for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""
+    ):
+        for obj in page.get("Contents", []):
+            target = Path(folder, obj["Key"][len(prefix) :].lstrip("/"))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, obj["Key"], str(target))
+            n += 1
+    return n
+
+
+def upload_folder(folder: str | os.PathLike, url: str, endpoint_url: str = "") -> int:
+    """Upload every file under `folder` to `s3://bucket/prefix/<relative path>`; returns the count."""
+    from pathlib import Path
+
+    client, (bucket, prefix) = _s3_client(endpoint_url), _split_s3_url(url)
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    for path in files:
+        key = "/".join(filter(None, [prefix, path.relative_to(folder).as_posix()]))
+        client.upload_file(str(path), bucket, key)
+    return len(files)

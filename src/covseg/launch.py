@@ -12,47 +12,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from covseg.data import download_prefix, upload_folder
 from covseg.distributed import barrier, init_from_env, is_main, rank, shutdown
-
-
-def _s3(endpoint_url: str = "") -> Any:
-    import boto3
-
-    return boto3.client("s3", endpoint_url=endpoint_url or None)
-
-
-def _split(url: str) -> tuple[str, str]:
-    bucket, _, prefix = url.removeprefix("s3://").partition("/")
-    return bucket, prefix.strip("/")
-
-
-def download_prefix(url: str, folder: str | os.PathLike, endpoint_url: str = "") -> int:
-    """Copy every object under `s3://bucket/prefix` into `folder` (same relative paths); returns the count."""
-    from pathlib import Path
-
-    client, (bucket, prefix) = _s3(endpoint_url), _split(url)
-    n = 0
-    for page in client.get_paginator("list_objects_v2").paginate(
-        Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""
-    ):
-        for obj in page.get("Contents", []):
-            target = Path(folder, obj["Key"][len(prefix) :].lstrip("/"))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, obj["Key"], str(target))
-            n += 1
-    return n
-
-
-def upload_folder(folder: str | os.PathLike, url: str, endpoint_url: str = "") -> int:
-    """Upload every file under `folder` to `s3://bucket/prefix/<relative path>`; returns the count."""
-    from pathlib import Path
-
-    client, (bucket, prefix) = _s3(endpoint_url), _split(url)
-    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
-    for path in files:
-        key = "/".join(filter(None, [prefix, path.relative_to(folder).as_posix()]))
-        client.upload_file(str(path), bucket, key)
-    return len(files)
 
 
 def run_stage(

@@ -286,7 +286,7 @@ def train_in_job(
     import os
     from pathlib import Path
 
-    from covseg.launch import download_prefix
+    from covseg.data import download_prefix
 
     image = os.environ.get(JOB_IMAGE_ENV, "")
     if not image:
