@@ -97,11 +97,10 @@ def data_import(source: Path, target: Path | None, update: bool) -> None:
 @_friendly_errors
 def ingest(profile: str | None) -> None:
     """Read every source in data/ into artifacts/ingest (cases + manifest.parquet)."""
-    from covseg import stages
     from covseg.ingest import summary_table
 
     params = load_params(profile)
-    frame = stages.ingest(repo_root() / params["data_dir"], _artifacts(params, "ingest"), params)
+    frame = _run_stage("ingest", params)
     click.echo(summary_table(frame).to_string(index=False))
 
 
@@ -110,16 +109,17 @@ def ingest(profile: str | None) -> None:
 @_friendly_errors
 def gate0(profile: str | None) -> None:
     """Gate 0 (Great Expectations) on the raw-data manifest."""
-    from covseg import stages
 
     params = load_params(profile)
-    result = stages.gate0(_artifacts(params, "ingest"), _artifacts(params, "gates", "gate0.json"), params)
+    result = _run_stage("gate0", params)
     click.echo(f"gate0 passed: {len(result['checks'])} expectations")
 
 
-def _stage_paths(params: dict[str, Any]) -> dict[str, Path]:
-    names = ("ingest", "lungs", "classify", "coarse", "mil", "segment", "refine", "evaluate", "checkpoints")
-    return {name: _artifacts(params, name) for name in names}
+def _run_stage(name: str, params: dict[str, Any]) -> Any:
+    """Run stage `name` of the stage table (`covseg.layout`) on this project's data/ and artifacts/."""
+    from covseg import stages
+
+    return stages.run_stage(name, _artifacts(params), repo_root() / params["data_dir"], params)
 
 
 @main.command()
@@ -127,11 +127,9 @@ def _stage_paths(params: dict[str, Any]) -> dict[str, Path]:
 @_friendly_errors
 def lungs(profile: str | None) -> None:
     """Lung masks + harmonised canonical slices -> artifacts/lungs."""
-    from covseg import stages
 
     params = load_params(profile)
-    p = _stage_paths(params)
-    index = stages.lungs(p["ingest"], p["lungs"], params)
+    index = _run_stage("lungs", params)
     click.echo(f"{len(index)} slices, median lung fraction {index['lung_fraction'].median():.3f}")
 
 
@@ -140,11 +138,9 @@ def lungs(profile: str | None) -> None:
 @_friendly_errors
 def classify(profile: str | None) -> None:
     """Train the lesion/no-lesion slice classifier -> artifacts/classify."""
-    from covseg import stages
 
     params = load_params(profile)
-    p = _stage_paths(params)
-    result = stages.classify(p["lungs"], p["classify"], params, p["checkpoints"])
+    result = _run_stage("classify", params)
     click.echo(json.dumps({"val_auc": result["val_auc"], "probe": result["probe"]}, indent=2))
 
 
@@ -153,11 +149,9 @@ def classify(profile: str | None) -> None:
 @_friendly_errors
 def coarse(profile: str | None) -> None:
     """Grad-CAM coarse labels -> artifacts/coarse."""
-    from covseg import stages
 
     params = load_params(profile)
-    p = _stage_paths(params)
-    stats = stages.coarse(p["lungs"], p["classify"], p["coarse"], params)
+    stats = _run_stage("coarse", params)
     click.echo(f"{len(stats)} coarse labels, mean area {stats['area_fraction_of_lung'].mean():.3f} of lung")
 
 
@@ -166,11 +160,9 @@ def coarse(profile: str | None) -> None:
 @_friendly_errors
 def mil(profile: str | None) -> None:
     """MIL refinement (5x5 patches, easy -> hard) -> fine labels in artifacts/mil."""
-    from covseg import stages
 
     params = load_params(profile)
-    p = _stage_paths(params)
-    result = stages.mil(p["lungs"], p["classify"], p["coarse"], p["mil"], params, p["checkpoints"])
+    result = _run_stage("mil", params)
     click.echo(json.dumps(result["quality"], indent=2))
 
 
@@ -179,11 +171,9 @@ def mil(profile: str | None) -> None:
 @_friendly_errors
 def segment(profile: str | None) -> None:
     """Train the U-Net segmenter on the fine labels -> artifacts/segment."""
-    from covseg import stages
 
     params = load_params(profile)
-    p = _stage_paths(params)
-    result = stages.segment(p["lungs"], p["mil"], p["segment"], params, p["checkpoints"])
+    result = _run_stage("segment", params)
     click.echo(
         f"segmenter trained on {result['n_train']} slices; last loss {result['history'][-1]['loss']:.4f}; "
         f"Dice against the fine labels of {result['n_val_fine']} validation positives "
@@ -197,13 +187,9 @@ def segment(profile: str | None) -> None:
 @_friendly_errors
 def refine(profile: str | None) -> None:
     """Refinement rounds: the segmenter's predictions (with prior and localisers) relabel -> artifacts/refine."""
-    from covseg import stages
 
     params = load_params(profile)
-    p = _stage_paths(params)
-    result = stages.refine(
-        p["lungs"], p["coarse"], p["mil"], p["segment"], p["refine"], params, p["checkpoints"]
-    )
+    result = _run_stage("refine", params)
     for record in result["rounds"]:
         ranking = record.get("in_domain", {})
         click.echo(
@@ -219,11 +205,9 @@ def refine(profile: str | None) -> None:
 @_friendly_errors
 def gate_a(profile: str | None) -> None:
     """Gate A (Great Expectations) on the coarse labels and the classifier's validation AUC."""
-    from covseg import stages
 
     params = load_params(profile)
-    p = _stage_paths(params)
-    result = stages.gate_a(p["classify"], p["coarse"], _artifacts(params, "gates", "gate_a.json"), params)
+    result = _run_stage("gate_a", params)
     click.echo(f"gate A passed: {len(result['checks'])} expectations")
 
 
@@ -232,11 +216,9 @@ def gate_a(profile: str | None) -> None:
 @_friendly_errors
 def gate_b(profile: str | None) -> None:
     """Gate B (Great Expectations) on the fine labels and the MIL instance accuracy."""
-    from covseg import stages
 
     params = load_params(profile)
-    p = _stage_paths(params)
-    result = stages.gate_b(p["mil"], _artifacts(params, "gates", "gate_b.json"), params)
+    result = _run_stage("gate_b", params)
     click.echo(f"gate B passed: {len(result['checks'])} expectations")
 
 
@@ -253,13 +235,9 @@ def _table(rows: dict[str, dict[str, Any]]) -> str:
 @_friendly_errors
 def evaluate_stage(profile: str | None) -> None:
     """The evaluate stage: Table-1 rows (coarse, fine, each round, final, prior) -> artifacts/evaluate."""
-    from covseg import stages
 
     params = load_params(profile)
-    p = _stage_paths(params)
-    table = stages.evaluate(
-        p["ingest"], p["lungs"], p["coarse"], p["mil"], p["segment"], p["refine"], p["evaluate"], params
-    )
+    table = _run_stage("evaluate", params)
     rows = table_rows(table)
     click.echo("threshold 0.5\n" + _table(rows))
     click.echo(
@@ -276,9 +254,9 @@ def evaluate_stage(profile: str | None) -> None:
 
 
 RENAMED = {"evaluate-pipeline": "evaluate-stage"}
+"""Old command names, kept as hidden aliases that print a one-line deprecation notice."""
 STAGE_COMMANDS = {"evaluate": "evaluate-stage"}
 """CLI command of a stage whose name is not its `covseg.layout` name with `_` -> `-`."""
-"""Old command names, kept as hidden aliases that print a one-line deprecation notice."""
 
 
 def _deprecated_alias(old: str, new: str) -> click.Command:
@@ -329,11 +307,9 @@ def evaluate(model: str, data: Path, rotate: int, fmt: str) -> None:
 @_friendly_errors
 def register(profile: str | None) -> None:
     """Log + register the segmenter in MLflow; promote it to champion if it beats the current one."""
-    from covseg import stages
 
     params = load_params(profile)
-    p = _stage_paths(params)
-    result = stages.register(p["ingest"], p["refine"], params)
+    result = _run_stage("register", params)
     d = result["decision"]
     click.echo(f"{params['register']['name']} v{result['version']}: {d['decision']} ({d['reason']})")
 

@@ -65,11 +65,13 @@ def evaluate_pipeline(
         return segment_canonical(model, slices.images[positions], slices.lungs[positions])
 
     rounds = [("round0", predict(segment_dir))]
+    kept = 0
     if refine_dir is not None:
-        from covseg.refine import round_models
+        from covseg.refine import kept_round, round_models
 
         rounds += [(name, predict(folder)) for name, folder in round_models(refine_dir)]
-    final = predict(refine_dir if refine_dir is not None else segment_dir)
+        kept = kept_round(refine_dir)
+    final = dict(rounds)[f"round{kept}"]  # the kept round's model, already predicted
     geos = [geometry_of(row) for _, row in rows.iterrows()]
     table = {}
     rows_to_score = [("coarse", coarse), ("fine", fine), *rounds, ("final", final)]

@@ -139,6 +139,11 @@ def refine(
     return result
 
 
+def kept_round(refine_dir: str | Path) -> int:
+    """The round whose model a refine output kept as its `segmenter.pt` (0: the segment stage's)."""
+    return int(json.loads((Path(refine_dir) / ROUNDS).read_text())["final_round"])
+
+
 def round_models(refine_dir: str | Path) -> list[tuple[str, Path]]:
     """(row name, model folder) of every trained round of a refine output, in order."""
     folders = [p for p in Path(refine_dir).glob("round*") if p.name[5:].isdigit() and (p / MODEL).is_file()]
